@@ -1,0 +1,3 @@
+"""asyncinfer: Postgres-centric asynchronous inference."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,54 @@
+"""Process settings, read once from the environment (and an optional `.env`).
+
+`DATABASE_URL` is the one variable without the `ASYNCINFER_` prefix because
+every Postgres tool already knows it. When it is unset, asyncinfer starts an
+embedded PostgreSQL of its own in `ASYNCINFER_DATA_DIR` (see app/db/embedded.py).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "asyncinfer"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ASYNCINFER_", env_file=".env", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "ASYNCINFER_DATABASE_URL"),
+        description="PostgreSQL URL. Unset: start the embedded PostgreSQL.",
+    )
+    data_dir: Path = Field(default_factory=_default_data_dir, description="Embedded PostgreSQL data and local outputs.")
+
+    # HTTP API
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_workers: int = Field(default=1, ge=1)
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    max_batch_items: int = Field(default=10_000, ge=1)
+    db_pool_size: int = Field(default=10, ge=1)
+
+    # Queue behaviour
+    lease_seconds: float = Field(default=30.0, gt=0, description="Lease on a running request; renewed every lease/3.")
+    maintenance_interval_seconds: float = Field(default=1.0, gt=0, description="Reaper / expiry / reconcile tick.")
+    poll_interval_seconds: float = Field(default=1.0, gt=0, description="Jittered fallback poll of idle workers.")
+
+
+    # Webhooks
+    allow_private_webhooks: bool = Field(default=False, description="Allow webhook targets on private/loopback nets.")
+
+    log_json: bool = False
+    log_level: str = "INFO"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,22 @@
+"""Queue core: schema, indexes and every state-changing function.
+
+Revision ID: 0001
+Revises:
+Create Date: 2026-11-28
+"""
+
+from migrations.sqlfile import run_sql_file
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    run_sql_file("0001_schema.sql")
+    run_sql_file("0001_functions.sql")
+
+
+def downgrade() -> None:
+    raise NotImplementedError("asyncinfer migrations are forward-only")
