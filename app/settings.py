@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     maintenance_interval_seconds: float = Field(default=1.0, gt=0, description="Reaper / expiry / reconcile tick.")
     poll_interval_seconds: float = Field(default=1.0, gt=0, description="Jittered fallback poll of idle workers.")
 
+    # Workers (see worker/config.py for the per-model settings in the models file)
+    models_file: Path | None = Field(default=None, description="TOML file declaring models; default: worker/models.toml.")
 
     # Webhooks
     allow_private_webhooks: bool = Field(default=False, description="Allow webhook targets on private/loopback nets.")
