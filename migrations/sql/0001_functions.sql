@@ -253,6 +253,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_free   integer;
     v_paused boolean;
+    v_claim  bigint[];
+    v_expire bigint[];
 BEGIN
     SELECT m.capacity - m.in_flight, m.paused INTO v_free, v_paused
       FROM asyncinfer.models m WHERE m.name = p_model
@@ -264,32 +266,42 @@ BEGIN
         RETURN;
     END IF;
 
+    -- Lock the next runnable rows first, then change them by primary key:
+    -- claim cost stays flat however deep the queue is.
+    SELECT array_agg(c.id) FILTER (WHERE NOT c.past_deadline),
+           array_agg(c.id) FILTER (WHERE c.past_deadline)
+      INTO v_claim, v_expire
+      FROM (SELECT r.id,
+                   (r.expires_at <= now() AND r.started_at IS NULL) AS past_deadline
+              FROM asyncinfer.requests r
+             WHERE r.model = p_model AND r.state = 'QUEUED' AND r.run_at <= now()
+             ORDER BY r.priority, r.run_at, r.id
+             LIMIT least(p_limit, v_free)
+               FOR NO KEY UPDATE SKIP LOCKED) AS c;
+
+    IF v_expire IS NOT NULL THEN
+        WITH expired AS (
+            UPDATE asyncinfer.requests r
+               SET state = 'EXPIRED', finished_at = now()
+             WHERE r.id = ANY (v_expire)
+            RETURNING r.id, r.attempt
+        )
+        INSERT INTO asyncinfer.request_events (request_id, kind, state, attempt)
+        SELECT e.id, 'expired', 'EXPIRED', e.attempt FROM expired e;
+    END IF;
+    IF v_claim IS NULL THEN
+        RETURN;
+    END IF;
+
     RETURN QUERY
-    WITH candidates AS MATERIALIZED (
-        SELECT r.id,
-               (r.expires_at <= now() AND r.started_at IS NULL) AS past_deadline
-          FROM asyncinfer.requests r
-         WHERE r.model = p_model AND r.state = 'QUEUED' AND r.run_at <= now()
-         ORDER BY r.priority, r.run_at, r.id
-         LIMIT least(p_limit, v_free)
-           FOR NO KEY UPDATE SKIP LOCKED
-    ),
-    expired AS (
-        UPDATE asyncinfer.requests r
-           SET state = 'EXPIRED', finished_at = now()
-          FROM candidates c
-         WHERE r.id = c.id AND c.past_deadline
-        RETURNING r.id, r.attempt
-    ),
-    claimed AS (
+    WITH claimed AS (
         UPDATE asyncinfer.requests r
            SET state = 'IN_PROGRESS',
                attempt = r.attempt + 1,
                lease_owner = p_worker_id,
                lease_expires_at = now() + make_interval(secs => p_lease_seconds),
                started_at = coalesce(r.started_at, now())
-          FROM candidates c
-         WHERE r.id = c.id AND NOT c.past_deadline
+         WHERE r.id = ANY (v_claim)
         RETURNING r.id, r.public_id, r.attempt, r.max_attempts, r.priority, r.created_at
     ),
     counted AS (
@@ -299,13 +311,16 @@ BEGIN
     ),
     events AS (
         INSERT INTO asyncinfer.request_events (request_id, kind, state, attempt, worker_id)
-        SELECT c.id, 'claimed', 'IN_PROGRESS'::asyncinfer.request_state, c.attempt, p_worker_id FROM claimed c
-        UNION ALL
-        SELECT e.id, 'expired', 'EXPIRED'::asyncinfer.request_state, e.attempt, NULL FROM expired e
+        SELECT c.id, 'claimed', 'IN_PROGRESS', c.attempt, p_worker_id FROM claimed c
+    ),
+    inputs AS (
+        SELECT i.request_id, i.model_input, i.metadata
+          FROM asyncinfer.request_inputs i
+         WHERE i.request_id = ANY (v_claim)
     )
     SELECT c.id, c.public_id, c.attempt, c.max_attempts, c.priority, c.created_at, i.model_input, i.metadata
       FROM claimed c
-      JOIN asyncinfer.request_inputs i ON i.request_id = c.id
+      JOIN inputs i ON i.request_id = c.id
      ORDER BY c.priority, c.id;
 END
 $$;
