@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30.0, gt=0, description="Lease on a running request; renewed every lease/3.")
     maintenance_interval_seconds: float = Field(default=1.0, gt=0, description="Reaper / expiry / reconcile tick.")
     poll_interval_seconds: float = Field(default=1.0, gt=0, description="Jittered fallback poll of idle workers.")
+    request_retention_hours: float = Field(default=168, gt=0, description="Finished requests are deleted after this.")
+    output_retention_hours: float = Field(default=168, gt=0, description="Stored outputs are dropped after this.")
 
     # Workers (see worker/config.py for the per-model settings in the models file)
     models_file: Path | None = Field(default=None, description="TOML file declaring models; default: worker/models.toml.")

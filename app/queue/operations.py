@@ -91,6 +91,7 @@ class MaintenanceResult:
     reaped: int
     expired: int
     reconciled: int
+    pruned: int
 
 
 class Queue:
@@ -229,10 +230,29 @@ class Queue:
 
     # -- maintenance --------------------------------------------------------
 
-    async def run_maintenance(self) -> MaintenanceResult:
-        rows = await self._fetch("SELECT leader, reaped, expired, reconciled FROM asyncinfer.run_maintenance()", ())
-        leader, reaped, expired, reconciled = rows[0]
-        return MaintenanceResult(leader, reaped or 0, expired or 0, reconciled or 0)
+    async def run_maintenance(
+        self, request_retention_seconds: float | None = None, output_retention_seconds: float | None = None
+    ) -> MaintenanceResult:
+        """One maintenance tick (reap, expire, reconcile, prune); a no-op
+        (leader=False) while another process runs one. None: SQL defaults."""
+        rows = await self._fetch(
+            "SELECT leader, reaped, expired, reconciled, pruned FROM asyncinfer.run_maintenance("
+            " coalesce(make_interval(secs => %s), interval '7 days'),"
+            " coalesce(make_interval(secs => %s), interval '7 days'))",
+            (request_retention_seconds, output_retention_seconds),
+        )
+        leader, reaped, expired, reconciled, pruned = rows[0]
+        return MaintenanceResult(leader, reaped or 0, expired or 0, reconciled or 0, pruned or 0)
+
+    async def prune_finished(
+        self, request_retention_seconds: float, output_retention_seconds: float, limit: int = 5000
+    ) -> tuple[int, int]:
+        rows = await self._fetch(
+            "SELECT requests_deleted, outputs_deleted FROM asyncinfer.prune_finished("
+            "make_interval(secs => %s), make_interval(secs => %s), %s)",
+            (request_retention_seconds, output_retention_seconds, limit),
+        )
+        return rows[0]
 
     async def reconcile_capacity(self) -> list[tuple[str, int, int]]:
         rows = await self._fetch("SELECT model, counted, running FROM asyncinfer.reconcile_capacity()", ())

@@ -782,18 +782,22 @@ END
 $$;
 
 -- One maintenance tick. Any number of processes may call it; a transaction
--- advisory lock makes sure one runs it at a time (the others return NULLs).
-CREATE FUNCTION asyncinfer.run_maintenance()
-RETURNS TABLE (leader boolean, reaped bigint, expired bigint, reconciled bigint)
+-- advisory lock makes sure one runs it at a time (the others get leader =
+-- false and NULL counts). Retention is one batch per tick (prune_finished).
+CREATE FUNCTION asyncinfer.run_maintenance(
+    p_request_retention interval DEFAULT interval '7 days',
+    p_output_retention interval DEFAULT interval '7 days'
+) RETURNS TABLE (leader boolean, reaped bigint, expired bigint, reconciled bigint, pruned bigint)
 LANGUAGE plpgsql AS $$
 BEGIN
     IF NOT pg_try_advisory_xact_lock(hashtext('asyncinfer.maintenance')) THEN
-        RETURN QUERY SELECT false, NULL::bigint, NULL::bigint, NULL::bigint;
+        RETURN QUERY SELECT false, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint;
         RETURN;
     END IF;
     RETURN QUERY SELECT true,
         (SELECT count(*) FROM asyncinfer.reap_expired_leases()),
         asyncinfer.expire_queued(),
-        (SELECT count(*) FROM asyncinfer.reconcile_capacity());
+        (SELECT count(*) FROM asyncinfer.reconcile_capacity()),
+        (SELECT p.requests_deleted FROM asyncinfer.prune_finished(p_request_retention, p_output_retention) p);
 END
 $$;

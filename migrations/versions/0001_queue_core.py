@@ -1,4 +1,4 @@
-"""Queue core: schema, indexes and every state-changing function.
+"""Queue core: schema, indexes, every state-changing function, operator views, retention.
 
 Revision ID: 0001
 Revises:
@@ -16,6 +16,7 @@ depends_on = None
 def upgrade() -> None:
     run_sql_file("0001_schema.sql")
     run_sql_file("0001_functions.sql")
+    run_sql_file("0001_operations.sql")
 
 
 def downgrade() -> None:

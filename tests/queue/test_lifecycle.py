@@ -224,3 +224,38 @@ async def test_counter_cannot_go_negative(db: psycopg.Connection, queue: Queue) 
     await queue.upsert_model("m")
     with pytest.raises(psycopg.errors.CheckViolation):
         db.execute("UPDATE asyncinfer.models SET in_flight = -1 WHERE name = 'm'")
+
+
+async def test_retention_prunes_old_finished_requests_and_outputs_only(queue: Queue, db: psycopg.Connection) -> None:
+    await queue.upsert_model("m", capacity=10)
+    await queue.submit("m", [{"model_input": i} for i in range(4)])
+    worker = await new_worker(queue, ["m"])
+    a, b, c, _queued = await queue.claim("m", worker, 4, 30)
+    await queue.finish(worker, [Outcome(x.id, x.attempt, output=x.model_input) for x in (a, b, c)])
+    db.execute("UPDATE asyncinfer.requests SET finished_at = now() - interval '3 hours' WHERE id = %s", (a.id,))
+    db.execute("UPDATE asyncinfer.request_outputs SET created_at = now() - interval '2 hours' WHERE request_id IN (%s, %s)",
+               (a.id, b.id))
+    assert await queue.prune_finished(request_retention_seconds=2.5 * 3600, output_retention_seconds=3600) == (1, 1)
+    remaining = {r[0] for r in db.execute("SELECT id FROM asyncinfer.requests")}
+    assert a.id not in remaining and {b.id, c.id} <= remaining
+    assert db.execute("SELECT count(*) FROM asyncinfer.request_events WHERE request_id = %s", (a.id,)).fetchone()[0] == 0
+    assert [r[0] for r in db.execute("SELECT request_id FROM asyncinfer.request_outputs ORDER BY 1")] == [c.id]
+    assert states(db) == {"SUCCEEDED": 2, "IN_PROGRESS": 1}
+
+
+async def test_operator_views(queue: Queue, db: psycopg.Connection) -> None:
+    await queue.upsert_model("m", capacity=2)
+    await queue.submit("m", [{"model_input": i, "priority": i % 3} for i in range(5)])
+    worker = await new_worker(queue, ["m"])
+    [req, _] = await queue.claim("m", worker, 2, 30)
+    overview = db.execute(
+        "SELECT capacity, in_flight, queued, queued_p0, queued_p1, queued_p2, in_progress FROM asyncinfer.queue_overview"
+    ).fetchone()
+    assert overview == (2, 2, 3, 0, 2, 1, 2)  # the two priority-0 requests run
+    assert db.execute("SELECT alive, held_leases FROM asyncinfer.workers_overview WHERE id = %s", (worker,)).fetchone() == (
+        True, 2)
+    assert db.execute("SELECT count(*) FROM asyncinfer.stuck_requests").fetchone()[0] == 0
+    age_request(db, req.id, lease_expired=True)
+    assert db.execute("SELECT request_id, reason FROM asyncinfer.stuck_requests").fetchall() == [
+        (db.execute("SELECT public_id FROM asyncinfer.requests WHERE id = %s", (req.id,)).fetchone()[0], "lease expired")
+    ]

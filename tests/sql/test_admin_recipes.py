@@ -72,4 +72,4 @@ async def test_purge_and_reconcile_and_maintenance_recipes(queue: Queue, db: psy
     db.execute("UPDATE asyncinfer.models SET in_flight = 0 WHERE name = 'm'")
     assert run_psql("sql/admin/reconcile_capacity.sql") == "m|0|2"
     assert in_flight(db, "m") == 2
-    assert run_psql("sql/admin/run_maintenance.sql") == "t|0|0|0"
+    assert run_psql("sql/admin/run_maintenance.sql") == "t|0|0|0|0"
