@@ -86,6 +86,44 @@ class CancelResult:
 
 
 @dataclass(frozen=True, slots=True)
+class DueDelivery:
+    """A claimed outbox row and what its payload is built from."""
+
+    id: int
+    kind: str  # "webhook" | "storage"
+    target: str
+    attempts: int
+    request_id: UUID
+    model: str
+    state: str
+    finished_at: datetime
+    output: Any
+    error: Any
+    stored_url: str | None
+    output_url: str | None
+    metadata: Any
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    id: int
+    attempts: int
+    ok: bool
+    status_code: int | None = None
+    error: str | None = None
+    retry_in_seconds: float | None = None  # None after a failure: give up (FAILED)
+    stored_url: str | None = None
+    drop_inline: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in (
+            ("id", self.id), ("attempts", self.attempts), ("ok", self.ok), ("status_code", self.status_code),
+            ("error", self.error), ("retry_in_seconds", self.retry_in_seconds), ("stored_url", self.stored_url),
+            ("drop_inline", self.drop_inline),
+        ) if v is not None}
+
+
+@dataclass(frozen=True, slots=True)
 class MaintenanceResult:
     leader: bool
     reaped: int
@@ -227,6 +265,48 @@ class Queue:
     async def purge_queue(self, model: str) -> int:
         rows = await self._fetch("SELECT asyncinfer.purge_queue(%s)", (model,))
         return rows[0][0]
+
+    # -- delivery (outbox) ---------------------------------------------------
+
+    async def claim_deliveries(self, limit: int, lease_seconds: float) -> list[DueDelivery]:
+        rows = await self._fetch(
+            "SELECT id, kind, target, attempts, request_id, model, state::text, finished_at, output, error,"
+            " stored_url, output_url, metadata FROM asyncinfer.claim_deliveries(%s, %s)",
+            (limit, lease_seconds),
+        )
+        return [DueDelivery(*r) for r in rows]
+
+    async def finish_deliveries(self, results: Sequence[DeliveryResult]) -> dict[int, str]:
+        """Record attempts; returns {delivery id: state} for the accepted ones."""
+        if not results:
+            return {}
+        rows = await self._fetch(
+            "SELECT id, state::text FROM asyncinfer.finish_deliveries(%s::jsonb)",
+            (encode_json([r.to_json() for r in results]),),
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def redeliver_request(self, request_id: UUID | str, kind: str | None = None) -> int:
+        rows = await self._fetch("SELECT asyncinfer.redeliver_request(%s::uuid, %s)", (str(request_id), kind))
+        return rows[0][0]
+
+    async def redeliver_failed(self, model: str) -> int:
+        rows = await self._fetch("SELECT asyncinfer.redeliver_failed(%s)", (model,))
+        return rows[0][0]
+
+    async def add_webhook_secret(self, secret: str) -> int:
+        rows = await self._fetch("SELECT asyncinfer.add_webhook_secret(%s)", (secret,))
+        return rows[0][0]
+
+    async def revoke_webhook_secret(self, secret_id: int) -> bool:
+        rows = await self._fetch("SELECT asyncinfer.revoke_webhook_secret(%s)", (secret_id,))
+        return bool(rows and rows[0][0])
+
+    async def active_webhook_secrets(self) -> list[str]:
+        rows = await self._fetch(
+            "SELECT secret FROM asyncinfer.webhook_secrets WHERE revoked_at IS NULL ORDER BY id", ()
+        )
+        return [r[0] for r in rows]
 
     # -- maintenance --------------------------------------------------------
 

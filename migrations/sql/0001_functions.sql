@@ -15,6 +15,7 @@
 --       asyncinfer_queue     'submit:<model>:<count>' | 'capacity:<model>:<free>'
 --       asyncinfer_cancel    '<worker_id>:<request_id>'
 --       asyncinfer_finished  '<public_id>:<state>'   (real-time requests only)
+--       asyncinfer_delivery  '<count>'                (new outbox rows)
 
 -- Backoff before retry number `attempt` (1-based): doubling from the initial
 -- delay, capped at the maximum.
@@ -179,7 +180,9 @@ BEGIN
                         v_model.default_initial_delay_ms, 1000)                        AS initial_delay_ms,
                coalesce((r.inference_retry_config ->> 'max_delay_ms')::integer,
                         v_model.default_max_delay_ms, 5000)                            AS max_delay_ms,
-               r.webhook_endpoint, r.output_url, r.idempotency_key, r.metadata
+               r.webhook_endpoint,
+               coalesce(r.output_url, v_model.default_output_url)                       AS output_url,
+               r.idempotency_key, r.metadata
           FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(item, ord)
          CROSS JOIN LATERAL jsonb_to_record(e.item) AS r(
                model_input jsonb, priority smallint, max_time_in_queue_seconds integer,
@@ -189,9 +192,10 @@ BEGIN
     inserted AS (
         INSERT INTO asyncinfer.requests
                (public_id, model, priority, max_attempts, initial_delay_ms, max_delay_ms,
-                expires_at, api_key_id, idempotency_key)
+                expires_at, api_key_id, idempotency_key, deliver)
         SELECT c.public_id, p_model, c.priority, c.max_attempts, c.initial_delay_ms, c.max_delay_ms,
-               now() + make_interval(secs => c.max_time_in_queue_s), p_api_key_id, c.idempotency_key
+               now() + make_interval(secs => c.max_time_in_queue_s), p_api_key_id, c.idempotency_key,
+               c.webhook_endpoint IS NOT NULL OR c.output_url IS NOT NULL
           FROM items c
          ORDER BY c.ord
         ON CONFLICT ((coalesce(api_key_id, 0)), idempotency_key) WHERE idempotency_key IS NOT NULL
@@ -372,13 +376,14 @@ DECLARE
     v_states   asyncinfer.request_state[];
     v_wake     text[];
     v_freed    text[];
+    v_deliveries bigint;
 BEGIN
     WITH results AS (
         SELECT * FROM jsonb_to_recordset(p_results)
             AS x(id bigint, attempt smallint, output jsonb, error jsonb, retryable boolean, canceled boolean)
     ),
     decided AS MATERIALIZED (
-        SELECT r.id, r.model, r.attempt, r.priority, x.output, x.error,
+        SELECT r.id, r.model, r.attempt, r.priority, r.deliver, x.output, x.error,
                CASE WHEN r.cancel_requested OR coalesce(x.canceled, false) THEN 'CANCELED'
                     WHEN x.error IS NULL OR x.error = 'null'::jsonb           THEN 'SUCCEEDED'
                     WHEN coalesce(x.retryable, true) AND r.attempt < r.max_attempts THEN 'QUEUED'
@@ -424,6 +429,23 @@ BEGIN
                END
           FROM decided d
     ),
+    -- The outbox, in the same transaction as the finish: a storage write for
+    -- an output, a webhook call for an output or a final error. The webhook
+    -- of a request with a storage write waits for it (next_attempt_at =
+    -- infinity until the write is done) so it can carry the object's URL.
+    outbox AS (
+        INSERT INTO asyncinfer.deliveries (request_id, kind, target, next_attempt_at)
+        SELECT d.id, t.kind, t.target,
+               CASE WHEN t.kind = 'webhook' AND d.next_state = 'SUCCEEDED' AND i.output_url IS NOT NULL
+                    THEN 'infinity'::timestamptz ELSE now() END
+          FROM decided d
+          JOIN asyncinfer.request_inputs i ON i.request_id = d.id
+         CROSS JOIN LATERAL (VALUES
+                ('storage', CASE WHEN d.next_state = 'SUCCEEDED' THEN i.output_url END),
+                ('webhook', i.webhook_endpoint)) AS t(kind, target)
+         WHERE d.deliver AND d.next_state IN ('SUCCEEDED', 'FAILED') AND t.target IS NOT NULL
+        RETURNING 1
+    ),
     locked_models AS MATERIALIZED (
         SELECT m.name FROM asyncinfer.models m
          WHERE m.name IN (SELECT DISTINCT d.model FROM decided d)
@@ -440,14 +462,18 @@ BEGIN
     SELECT array_agg(u.id), array_agg(u.public_id), array_agg(u.state),
            array_agg(format('%s:%s', u.public_id, u.state)) FILTER (WHERE u.priority < 0),
            (SELECT array_agg(format('capacity:%s:%s', rl.name, rl.capacity - rl.in_flight))
-              FROM released rl WHERE rl.in_flight_before >= rl.capacity AND NOT rl.paused)
-      INTO v_ids, v_public, v_states, v_wake, v_freed
+              FROM released rl WHERE rl.in_flight_before >= rl.capacity AND NOT rl.paused),
+           (SELECT count(*) FROM outbox)
+      INTO v_ids, v_public, v_states, v_wake, v_freed, v_deliveries
       FROM updated u;
 
-    -- Wake real-time callers waiting on these requests, and workers waiting
-    -- for capacity of a model that was full.
+    -- Wake real-time callers waiting on these requests, workers waiting for
+    -- capacity of a model that was full, and the dispatchers.
     PERFORM pg_notify('asyncinfer_finished', w) FROM unnest(v_wake) AS w;
     PERFORM pg_notify('asyncinfer_queue', f) FROM unnest(v_freed) AS f;
+    IF v_deliveries > 0 THEN
+        PERFORM pg_notify('asyncinfer_delivery', v_deliveries::text);
+    END IF;
 
     RETURN QUERY SELECT * FROM unnest(v_ids, v_public, v_states);
 END

@@ -28,6 +28,8 @@ CREATE TABLE asyncinfer.models (
     default_max_attempts        smallint    CHECK (default_max_attempts BETWEEN 1 AND 10),
     default_initial_delay_ms    integer     CHECK (default_initial_delay_ms BETWEEN 0 AND 10000),
     default_max_delay_ms        integer     CHECK (default_max_delay_ms BETWEEN 0 AND 60000),
+    -- object-storage prefix for outputs of requests that name no output_url
+    default_output_url          text,
     created_at                  timestamptz NOT NULL DEFAULT now(),
     updated_at                  timestamptz NOT NULL DEFAULT now()
 );
@@ -65,6 +67,7 @@ CREATE TABLE asyncinfer.requests (
     lease_owner       bigint,                          -- workers.id while IN_PROGRESS
     lease_expires_at  timestamptz,
     cancel_requested  boolean     NOT NULL DEFAULT false,
+    deliver           boolean     NOT NULL DEFAULT false,   -- has a webhook or an output location
     api_key_id        bigint,
     idempotency_key   text        CHECK (length(idempotency_key) BETWEEN 1 AND 256),
     created_at        timestamptz NOT NULL DEFAULT now(),
@@ -121,12 +124,51 @@ CREATE TABLE asyncinfer.request_inputs (
     metadata         jsonb
 );
 
--- Written once when a request finishes (output or final error).
+-- Written once when a request finishes (output or final error). An output
+-- larger than the inline limit is dropped from here once it is in object
+-- storage (stored_url).
 CREATE TABLE asyncinfer.request_outputs (
     request_id  bigint      PRIMARY KEY,
     output      jsonb,
     error       jsonb,
+    stored_url  text,
     created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- The outbox: one row per webhook call or storage write owed for a finished
+-- request, written in the same transaction as the finish, so a result is
+-- never lost between "done" and "delivered". Dispatchers claim due rows with
+-- SKIP LOCKED and a lease, like workers claim requests.
+CREATE TYPE asyncinfer.delivery_state AS ENUM ('PENDING', 'SUCCEEDED', 'FAILED');
+
+CREATE TABLE asyncinfer.deliveries (
+    id               bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    request_id       bigint      NOT NULL,
+    kind             text        NOT NULL CHECK (kind IN ('storage', 'webhook')),
+    target           text        NOT NULL,
+    state            asyncinfer.delivery_state NOT NULL DEFAULT 'PENDING',
+    attempts         integer     NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    -- Due time. A claim pushes it one lease ahead, so a dispatcher that dies
+    -- mid-delivery leaves the row due again; 'infinity': a webhook waiting
+    -- for its request's storage write.
+    next_attempt_at  timestamptz NOT NULL DEFAULT now(),
+    last_status_code integer,
+    last_error       text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    finished_at      timestamptz,
+    UNIQUE (request_id, kind)
+) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02);
+
+CREATE INDEX deliveries_due ON asyncinfer.deliveries (next_attempt_at) WHERE state = 'PENDING';
+
+-- Webhook signing secrets. Several may be active during a rotation: every
+-- active one signs each delivery. Secrets must be readable to sign (HMAC),
+-- so they are kept only here, never logged, and shown once at creation.
+CREATE TABLE asyncinfer.webhook_secrets (
+    id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    secret      text        NOT NULL CHECK (secret ~ '^whsec_[A-Za-z0-9+/=]{20,}$'),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    revoked_at  timestamptz
 );
 
 -- Append-only log of every transition and of captured model log lines.

@@ -16,6 +16,7 @@ depends_on = None
 def upgrade() -> None:
     run_sql_file("0001_schema.sql")
     run_sql_file("0001_functions.sql")
+    run_sql_file("0001_delivery.sql")
     run_sql_file("0001_operations.sql")
 
 
