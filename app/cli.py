@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     k = keys.add_parser("revoke", help="revoke a key at once")
     k.add_argument("key_id", type=int)
     p.set_defaults(handler=_keys)
+
+    from app.delivery.cli import add_commands as add_delivery_commands
+
+    add_delivery_commands(commands)
     return parser
 
 

@@ -46,8 +46,24 @@ class Settings(BaseSettings):
     # Workers (see worker/config.py for the per-model settings in the models file)
     models_file: Path | None = Field(default=None, description="TOML file declaring models; default: worker/models.toml.")
 
-    # Webhooks
+    # Webhooks and object storage (the dispatcher)
     allow_private_webhooks: bool = Field(default=False, description="Allow webhook targets on private/loopback nets.")
+    webhook_retry_schedule_seconds: list[float] = Field(
+        default=[5, 300, 1800, 7200, 18000, 36000, 36000],
+        description="Delays between webhook attempts (JSON list); after the last one the delivery FAILED.",
+    )
+    webhook_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    webhook_timeout_seconds: float = Field(default=30.0, gt=0, description="Read/write timeout of one webhook call.")
+    webhook_max_response_bytes: int = Field(default=64 * 1024, ge=0, description="Response body read at most.")
+    dispatcher_batch_size: int = Field(default=100, ge=1)
+    dispatcher_concurrency: int = Field(default=64, ge=1, description="Deliveries in flight per dispatcher.")
+    delivery_lease_seconds: float = Field(default=60.0, gt=0, description="A claimed delivery is due again after this.")
+    output_inline_limit_bytes: int = Field(
+        default=1024 * 1024, ge=0, description="Outputs larger than this live only in object storage once written."
+    )
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL/AWS).")
+    s3_region: str | None = None
+    s3_allow_http: bool = Field(default=False, description="Allow a plain-http S3 endpoint (local test servers).")
 
     log_json: bool = False
     log_level: str = "INFO"

@@ -1,0 +1,1 @@
+"""Output delivery: the dispatcher drains the outbox written by finishes."""
