@@ -128,10 +128,10 @@ async def test_private_target_refused_without_retry_unless_allowed(queue: Queue,
 async def test_dispatcher_killed_mid_delivery_delivers_again_after_lease(queue: Queue, receiver) -> None:
     await run_request(queue, {"model_input": 1, "webhook_endpoint": receiver.url + "/hook"})
     # A dispatcher claims and dies before recording anything.
-    assert len(await queue.claim_deliveries(10, lease_seconds=0.2)) == 1
+    assert len(await queue.claim_deliveries(10, lease_seconds=2)) == 1
     dispatcher = Dispatcher(queue, settings())
     assert await dispatcher.run_once() == 0  # leased by the dead one
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(2.1)
     assert await dispatcher.run_once() == 1
     await dispatcher.close()
     assert len(receiver.wait_for(1)) == 1
