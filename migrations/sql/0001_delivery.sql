@@ -124,7 +124,8 @@ BEGIN
         UPDATE asyncinfer.deliveries d
            SET state = 'PENDING', next_attempt_at = now(), finished_at = NULL
           FROM asyncinfer.requests r
-         WHERE r.public_id = p_public_id AND d.request_id = r.id
+         WHERE r.id = asyncinfer.request_id_of(p_public_id) AND r.public_id = p_public_id
+           AND d.request_id = r.id
            AND d.state <> 'PENDING' AND (p_kind IS NULL OR d.kind = p_kind)
         RETURNING d.request_id, d.kind
     ), events AS (

@@ -167,9 +167,9 @@ BEGIN
         END IF;
     END IF;
 
-    WITH items AS MATERIALIZED (
+    WITH parsed AS MATERIALIZED (
         SELECT e.ord,
-               gen_random_uuid() AS public_id,
+               nextval('asyncinfer.requests_id_seq') AS id,
                r.model_input,
                coalesce(r.priority, v_model.default_priority, 1)                       AS priority,
                coalesce(r.max_time_in_queue_seconds, v_model.default_max_time_in_queue_s, 600)
@@ -189,11 +189,14 @@ BEGIN
                inference_retry_config jsonb, webhook_endpoint text, output_url text,
                idempotency_key text, metadata jsonb)
     ),
+    items AS MATERIALIZED (
+        SELECT p.*, asyncinfer.new_public_id(p.id) AS public_id FROM parsed p
+    ),
     inserted AS (
         INSERT INTO asyncinfer.requests
-               (public_id, model, priority, max_attempts, initial_delay_ms, max_delay_ms,
+               (id, public_id, model, priority, max_attempts, initial_delay_ms, max_delay_ms,
                 expires_at, api_key_id, idempotency_key, deliver)
-        SELECT c.public_id, p_model, c.priority, c.max_attempts, c.initial_delay_ms, c.max_delay_ms,
+        SELECT c.id, c.public_id, p_model, c.priority, c.max_attempts, c.initial_delay_ms, c.max_delay_ms,
                now() + make_interval(secs => c.max_time_in_queue_s), p_api_key_id, c.idempotency_key,
                c.webhook_endpoint IS NOT NULL OR c.output_url IS NOT NULL
           FROM items c
@@ -205,7 +208,7 @@ BEGIN
     inputs AS (
         INSERT INTO asyncinfer.request_inputs (request_id, model_input, webhook_endpoint, output_url, metadata)
         SELECT n.id, c.model_input, c.webhook_endpoint, c.output_url, c.metadata
-          FROM inserted n JOIN items c USING (public_id)
+          FROM inserted n JOIN items c USING (id)
     ),
     events AS (
         INSERT INTO asyncinfer.request_events (request_id, kind, state, attempt)
@@ -216,7 +219,7 @@ BEGIN
            array_agg(c.idempotency_key ORDER BY c.ord),
            count(n.public_id)
       INTO v_ords, v_ids, v_keys, v_new
-      FROM items c LEFT JOIN inserted n USING (public_id);
+      FROM items c LEFT JOIN inserted n USING (id);
 
     IF v_new > 0 THEN
         -- One wake-up per statement, carrying the count (never one per row).
@@ -509,7 +512,7 @@ DECLARE
     v_req asyncinfer.requests;
 BEGIN
     SELECT * INTO v_req FROM asyncinfer.requests r
-     WHERE r.public_id = p_public_id
+     WHERE r.id = asyncinfer.request_id_of(p_public_id) AND r.public_id = p_public_id
        AND (p_api_key_id IS NULL OR r.api_key_id = p_api_key_id)
        FOR NO KEY UPDATE;
     IF NOT FOUND THEN
@@ -548,7 +551,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_req asyncinfer.requests;
 BEGIN
-    SELECT * INTO v_req FROM asyncinfer.requests r WHERE r.public_id = p_public_id FOR NO KEY UPDATE;
+    SELECT * INTO v_req FROM asyncinfer.requests r
+     WHERE r.id = asyncinfer.request_id_of(p_public_id) AND r.public_id = p_public_id
+       FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'request %: not found', p_public_id USING ERRCODE = 'AI404';
     END IF;

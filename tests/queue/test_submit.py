@@ -101,3 +101,19 @@ async def test_submit_notifies_once_per_statement(queue: Queue, database_url: st
         async for note in gen:
             received.append(note.payload)
         assert received == ["submit:echo:500"]
+
+
+async def test_public_ids_are_unguessable_and_name_their_row(queue: Queue, db: psycopg.Connection) -> None:
+    await queue.upsert_model("echo")
+    results = await queue.submit("echo", [{"model_input": i} for i in range(200)])
+    rows = db.execute(
+        "SELECT id, public_id, asyncinfer.request_id_of(public_id) FROM asyncinfer.requests ORDER BY id"
+    ).fetchall()
+    assert [r[1] for r in rows] == [r.request_id for r in results]
+    assert all(row_id == decoded for row_id, _, decoded in rows)
+    random_halves = {r.request_id.hex[:16] for r in results}
+    assert len(random_halves) == 200  # 64 random bits each
+    # A guessed id with the right row number but wrong random part finds nothing.
+    forged = results[0].request_id.hex[:15] + ("0" if results[0].request_id.hex[15] != "0" else "1")
+    forged += results[0].request_id.hex[16:]
+    assert await queue.cancel(forged) is None

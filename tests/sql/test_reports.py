@@ -6,18 +6,22 @@ import psycopg
 import pytest
 
 # One request row, written directly: the seed sets timestamps no live run could.
+# Rows are inserted directly (not through submit), so each sets its own public id.
 SEED = """
+WITH n AS (SELECT nextval('asyncinfer.requests_id_seq') AS id)
 INSERT INTO asyncinfer.requests
-       (model, state, priority, attempt, max_attempts, initial_delay_ms, max_delay_ms,
+       (id, public_id, model, state, priority, attempt, max_attempts, initial_delay_ms, max_delay_ms,
         created_at, expires_at, started_at, finished_at, lease_owner, lease_expires_at, run_at)
-VALUES (%(model)s, %(state)s::asyncinfer.request_state, %(priority)s, %(attempt)s, 3, 1000, 5000,
+SELECT n.id, asyncinfer.new_public_id(n.id), %(model)s, %(state)s::asyncinfer.request_state, %(priority)s,
+        %(attempt)s, 3, 1000, 5000,
         %(base)s::timestamptz, %(base)s::timestamptz + interval '1 hour',
         %(base)s::timestamptz + make_interval(secs => %(queue_ms)s / 1000.0),
         CASE WHEN %(state)s::text IN ('QUEUED', 'IN_PROGRESS') THEN NULL
              ELSE %(base)s::timestamptz + make_interval(secs => (%(queue_ms)s + %(run_ms)s) / 1000.0) END,
         CASE WHEN %(state)s::text = 'IN_PROGRESS' THEN 1 END,
         CASE WHEN %(state)s::text = 'IN_PROGRESS' THEN now() + interval '1 minute' END,
-        %(base)s::timestamptz)
+        %(base)s::timestamptz
+  FROM n
 RETURNING id
 """
 
@@ -26,10 +30,12 @@ def seed(db: psycopg.Connection, base: str, model: str, state: str = "SUCCEEDED"
          run_ms: float = 0, priority: int = 1, attempt: int = 1) -> int:
     if queue_ms is None:  # never started
         row = db.execute(
-            "INSERT INTO asyncinfer.requests (model, state, priority, max_attempts, initial_delay_ms, max_delay_ms,"
-            " created_at, expires_at, finished_at, run_at) VALUES (%s, %s::asyncinfer.request_state, %s, 3, 1000, 5000, %s::timestamptz,"
-            " %s::timestamptz + interval '1 hour', CASE WHEN %s::text = 'QUEUED' THEN NULL ELSE now() END,"
-            " %s::timestamptz) RETURNING id",
+            "WITH n AS (SELECT nextval('asyncinfer.requests_id_seq') AS id)"
+            " INSERT INTO asyncinfer.requests (id, public_id, model, state, priority, max_attempts, initial_delay_ms,"
+            " max_delay_ms, created_at, expires_at, finished_at, run_at)"
+            " SELECT n.id, asyncinfer.new_public_id(n.id), %s, %s::asyncinfer.request_state, %s, 3, 1000, 5000,"
+            " %s::timestamptz, %s::timestamptz + interval '1 hour',"
+            " CASE WHEN %s::text = 'QUEUED' THEN NULL ELSE now() END, %s::timestamptz FROM n RETURNING id",
             (model, state, priority, base, base, state, base),
         ).fetchone()
         return row[0]
