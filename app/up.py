@@ -78,14 +78,16 @@ def up_command(args: argparse.Namespace, settings: Settings) -> int:
     kids: list[Child] = []
     try:
         migrate(url)
-        from worker.config import load_model_configs
+        from worker.config import load_model_configs, models_file, select_models
 
-        models_file = args.config or settings.models_file
-        models = list(load_model_configs(models_file))
+        config_path = models_file(args.config, settings.models_file)
+        chosen, notes = select_models(load_model_configs(config_path), None)
+        for note in notes:
+            log.info("model %s", note)
+        models = [config.name for config in chosen]
         admin_key = os.environ.get("ASYNCINFER_ADMIN_KEY") or local_admin_key(settings.data_dir)
         env = dict(os.environ, DATABASE_URL=url, ASYNCINFER_ADMIN_KEY=admin_key)
-        if models_file:
-            env["ASYNCINFER_MODELS_FILE"] = str(models_file)
+        env["ASYNCINFER_MODELS_FILE"] = str(config_path)
 
         kids = children_for(models)
         for kid in kids:
