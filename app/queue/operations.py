@@ -166,6 +166,15 @@ class Queue:
         rows = await self._fetch("SELECT to_jsonb(m) FROM asyncinfer.set_capacity(%s, %s) AS m", (model, capacity))
         return rows[0][0]
 
+    async def update_model(self, name: str, changes: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """Create or change a model (asyncinfer.update_model, migration 0002):
+        keys present in `changes` are applied (None clears an optional one),
+        absent ones keep their value. Returns (created, the model row)."""
+        rows = await self._fetch(
+            "SELECT created, model FROM asyncinfer.update_model(%s, %s::jsonb)", (name, encode_json(changes))
+        )
+        return rows[0][0], rows[0][1]
+
     async def pause_model(self, model: str) -> dict[str, Any]:
         rows = await self._fetch("SELECT to_jsonb(m) FROM asyncinfer.pause_model(%s) AS m", (model,))
         return rows[0][0]
