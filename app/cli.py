@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     from app.delivery.cli import add_commands as add_delivery_commands
 
     add_delivery_commands(commands)
+
+    from app.client.commands import add_commands as add_client_commands
+
+    add_client_commands(commands)
     return parser
 
 

@@ -35,6 +35,20 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     max_batch_items: int = Field(default=10_000, ge=1)
     db_pool_size: int = Field(default=10, ge=1)
+    admin_key: str | None = Field(
+        default=None, min_length=16, description="Accepted as an admin API key in addition to stored keys (bootstrap)."
+    )
+    max_batch_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Body limit of a bulk submit.")
+    max_metadata_bytes: int = Field(default=16 * 1024, ge=2, description="Largest `metadata` object, as JSON.")
+    db_timeout_seconds: float = Field(default=5.0, gt=0, description="Wait for a DB connection, then answer 503.")
+    retry_after_seconds: int = Field(default=2, ge=1, description="Retry-After sent with 429 and 503 answers.")
+    predict_timeout_seconds: float = Field(default=60.0, gt=0, description="Real-time predict: default wait.")
+    predict_max_timeout_seconds: float = Field(default=600.0, gt=0, description="Largest ?timeout_seconds= allowed.")
+    submit_coalesce_max_items: int = Field(default=500, ge=1, description="Most single submits joined in one insert.")
+    submit_coalesce_inflight: int = Field(
+        default=1, ge=1, description="Inserts in flight per (model, key) before new submits wait and coalesce."
+    )
+    api_key_cache_seconds: float = Field(default=10.0, ge=0, description="How long a looked-up API key is cached.")
 
     # Queue behaviour
     lease_seconds: float = Field(default=30.0, gt=0, description="Lease on a running request; renewed every lease/3.")
@@ -45,6 +59,18 @@ class Settings(BaseSettings):
 
     # Workers (see worker/config.py for the per-model settings in the models file)
     models_file: Path | None = Field(default=None, description="TOML file declaring models; default: worker/models.toml.")
+    worker_shutdown_grace_seconds: float = Field(
+        default=30.0, ge=0, description="On SIGTERM: time in-flight requests get to finish before they are handed back."
+    )
+    worker_finish_window_ms: float = Field(
+        default=1.0, ge=0, description="Outcomes collected this long (and while a finish is in flight) per finish call."
+    )
+    worker_log_capture_bytes: int = Field(
+        default=16 * 1024, ge=0, description="Model log/print output kept per request attempt in its events; 0: off."
+    )
+    listen_health_check_seconds: float = Field(
+        default=5.0, gt=0, description="How often an idle LISTEN connection is checked (pg_listening_channels())."
+    )
 
     # Webhooks and object storage (the dispatcher)
     allow_private_webhooks: bool = Field(default=False, description="Allow webhook targets on private/loopback nets.")

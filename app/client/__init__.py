@@ -1,0 +1,1 @@
+"""HTTP client side of the `asyncinfer` CLI (submit, status, cancel, queue, models)."""
