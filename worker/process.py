@@ -7,7 +7,7 @@
 * wake-up: one dedicated LISTEN connection (asyncinfer_queue,
   asyncinfer_cancel), health-checked and re-established, each reconnect
   followed by a catch-up claim; 'submit:<model>:n' / 'capacity:<model>:n'
-  wake that model's claim loop; '<worker_id>:<request_id>' cancels.
+  wake that model's claim loop; '<worker_id>:<request_id>:<attempt>' cancels.
 * leases: every lease/3, ONE Queue.renew_leases call for everything held
   (also the heartbeat, sent when holding nothing). An id missing from the
   answer is a lost lease: the work is stopped or its result dropped.
@@ -35,12 +35,9 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import psycopg
-from psycopg import sql
-from psycopg.types.json import set_json_loads
-from psycopg_pool import AsyncConnectionPool
 
 from app.db.listener import Listener
+from app.db.pool import open_pool
 from app.queue import notifications
 from app.queue.operations import Outcome, Queue
 from app.settings import Settings
@@ -53,50 +50,6 @@ from worker.threads import Inbox, Signal
 log = logging.getLogger("asyncinfer.worker")
 
 LISTEN_CHANNELS = (notifications.QUEUE_CHANNEL, notifications.CANCEL_CHANNEL)
-
-
-async def _configure(conn: psycopg.AsyncConnection) -> None:
-    set_json_loads(msgspec.json.decode, conn)
-
-
-async def open_worker_pool(database_url: str, size: int) -> AsyncConnectionPool:
-    """The worker's pool. Unlike app.db.pool.open_pool it does not check a
-    connection on checkout (that is one more round trip per claim and per
-    finish); a connection that died shows up as a failed call, which every
-    loop here retries, and the pool drops it on return."""
-    pool = AsyncConnectionPool(
-        database_url,
-        min_size=min(3, size),
-        max_size=size,
-        name="asyncinfer-worker",
-        kwargs={"autocommit": True, "application_name": "asyncinfer-worker"},
-        configure=_configure,
-        open=False,
-    )
-    await pool.open(wait=True, timeout=30)
-    return pool
-
-
-class WorkerListener(Listener):
-    """app.db.listener.Listener with a named connection and a hook run after
-    every reconnect (the catch-up claim)."""
-
-    def __init__(self, *args: Any, on_reconnect: Callable[[], None], application_name: str, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.on_reconnect = on_reconnect
-        self.application_name = application_name
-        self._connections = 0
-
-    async def _connect(self) -> None:
-        conn = await psycopg.AsyncConnection.connect(
-            self.database_url, autocommit=True, application_name=self.application_name)
-        for channel in self.channels:
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-        self._conn = conn
-        self.connected.set()
-        self._connections += 1
-        if self._connections > 1:
-            self.on_reconnect()
 
 
 def _in_daemon_thread(fn: Callable[[], Any]) -> asyncio.Future[Any]:
@@ -143,7 +96,7 @@ class WorkerProcess:
         self.flush_signal = Signal()
         self._flush_lock = asyncio.Lock()
         self.inbox = Inbox(asyncio.get_running_loop())
-        self.listener: WorkerListener | None = None
+        self.listener: Listener | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lease_check: asyncio.Task[None] | None = None
         self._check_again = False
@@ -326,10 +279,10 @@ class WorkerProcess:
                 self._check_leases_soon()
 
     def _check_leases_soon(self) -> None:
-        """A cancel (or an admin's requeue) of one of ours was announced. The
-        payload carries no attempt, so ask the database instead of trusting
-        it: one renew_leases call says which requests are canceled (cancel
-        them) and which are no longer ours (drop them)."""
+        """A cancel (or an admin's requeue) of one of ours was announced. A
+        NOTIFY is only a hint, so ask the database: one renew_leases call says
+        which requests are canceled (cancel them) and which are no longer ours
+        (drop them), for every request held, not only the one announced."""
         self._check_again = True
         if self._lease_check is None or self._lease_check.done():
             self._lease_check = asyncio.create_task(self._lease_checks(), name="lease-check")
@@ -382,13 +335,15 @@ class WorkerProcess:
     async def run(self, stop: asyncio.Event) -> int:
         names = [c.name for c in self.configs]
         for config in self.configs:
-            await self.queue.upsert_model(config.name, capacity=config.capacity)
+            # The file's capacity is the initial one: a capacity set since by
+            # an admin (API, CLI, psql) is not overwritten by a restart.
+            await self.queue.ensure_model(config.name, capacity=config.capacity)
         self.worker_id = await self.queue.register_worker(
             f"worker:{'+'.join(names)}"[:200], socket.gethostname(), os.getpid(), names)
         extra = {"worker_id": self.worker_id}
         log.info("worker %d registered for %s", self.worker_id, ", ".join(names), extra=extra)
 
-        self.listener = WorkerListener(
+        self.listener = Listener(
             self.database_url, LISTEN_CHANNELS, on_notify=self.on_notify,
             health_check_seconds=self.settings.listen_health_check_seconds,
             on_reconnect=self.wake_all, application_name=f"asyncinfer-listen:{self.worker_id}")
@@ -484,7 +439,10 @@ async def run_worker(database_url: str, settings: Settings, configs: list[ModelC
     # A model thread woken for a new request waits for the GIL at most this
     # long while the event loop holds it (default 5 ms: a wake-up latency tail).
     sys.setswitchinterval(0.0005)
-    pool = await open_worker_pool(database_url, size=len(configs) + 4)
+    # No ping on checkout: a dead connection shows up as a failed call, which
+    # every loop here retries, and the pool drops it on return.
+    size = len(configs) + 4
+    pool = await open_pool(database_url, min_size=min(3, size), max_size=size, name="asyncinfer-worker", check="never")
     try:
         worker = WorkerProcess(Queue(pool), settings, database_url, configs, concurrency)
         return await worker.run(stop)

@@ -51,8 +51,11 @@ class RealtimeHub:
         self.sweep_seconds = sweep_seconds
         self.early_keep = early_keep
         self.early_seconds = early_seconds
+        # After a reconnect whatever was sent meanwhile is lost (revocations
+        # included), so the owner is told (on_reconnect) and waiters re-check.
         self.listener = Listener(database_url, (FINISHED_CHANNEL, *self.extra), on_notify=self._on_notify,
-                                 health_check_seconds=health_check_seconds)
+                                 health_check_seconds=health_check_seconds, on_reconnect=on_reconnect,
+                                 application_name="asyncinfer-api-listen")
         self._waiters: dict[str, asyncio.Future[str]] = {}
         self._early: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
@@ -119,16 +122,8 @@ class RealtimeHub:
         self._waiters.pop(public_id, None)
 
     async def _sweeper(self) -> None:
-        # A new connection object means the listener reconnected: whatever was
-        # sent meanwhile is lost (revocations included), so tell the owner.
-        seen = id(getattr(self.listener, "_conn", None))
         while True:
             await asyncio.sleep(self.sweep_seconds if self.connected else 0.2)
-            current = id(getattr(self.listener, "_conn", None))
-            if current != seen and self.connected:
-                seen = current
-                if self.on_reconnect is not None:
-                    self.on_reconnect()
             now = time.monotonic()
             while self._early:
                 first = next(iter(self._early.values()))

@@ -5,44 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import weakref
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from app.api.auth import API_KEYS_CHANNEL, KeyCache
 from app.api.batcher import SubmitBatcher
 from app.api.realtime import RealtimeHub
 from app.api.validation import UrlChecker
-from app.db.pool import _configure
+from app.db.pool import open_pool
 from app.queue.operations import Queue
 from app.queue.reads import Reads
 from app.settings import Settings
 
 log = logging.getLogger("asyncinfer.api")
-
-# A pooled connection used within this many seconds is handed out without a
-# ping; one idle longer is checked first (a round trip). Under load that
-# saves a round trip per insert; after a PostgreSQL restart the first use of
-# a dead connection fails (503, Retry-After) and the pool drops it.
-CHECK_IDLE_SECONDS = 1.0
-_last_used: weakref.WeakKeyDictionary[psycopg.AsyncConnection, float] = weakref.WeakKeyDictionary()
-
-
-async def _check_if_idle(conn: psycopg.AsyncConnection) -> None:
-    last = _last_used.get(conn)
-    if last is None or time.monotonic() - last > CHECK_IDLE_SECONDS:
-        await AsyncConnectionPool.check_connection(conn)
-
-
-async def _mark_used(conn: psycopg.AsyncConnection) -> None:
-    _last_used[conn] = time.monotonic()
-
 
 class ApiState:
     def __init__(self, settings: Settings, database_url: str, head_revision: str | None) -> None:
@@ -83,20 +62,9 @@ class ApiState:
     @asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:
         s = self.settings
-        pool = AsyncConnectionPool(
-            self.database_url,
-            min_size=min(2, s.db_pool_size),
-            max_size=s.db_pool_size,
-            name="asyncinfer-api",
-            kwargs={"autocommit": True, "application_name": "asyncinfer-api", "connect_timeout": 5},
-            configure=_configure,
-            check=_check_if_idle,
-            reset=_mark_used,
-            timeout=s.db_timeout_seconds,
-            open=False,
-        )
         # Not waiting: an API whose database is down starts and answers 503.
-        await pool.open(wait=False)
+        pool = await open_pool(self.database_url, min_size=min(2, s.db_pool_size), max_size=s.db_pool_size,
+                               name="asyncinfer-api", check="idle", timeout=s.db_timeout_seconds, wait=False)
         self.pool = pool
         self.queue = Queue(pool)
         self.reads = Reads(pool)

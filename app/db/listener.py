@@ -26,10 +26,14 @@ class Listener:
         channels: Sequence[str],
         on_notify: Callable[[str, str], None] | None = None,
         health_check_seconds: float = 5.0,
+        on_reconnect: Callable[[], None] | None = None,
+        application_name: str = "asyncinfer-listen",
     ) -> None:
         self.database_url = database_url
         self.channels = tuple(channels)
         self.on_notify = on_notify
+        self.on_reconnect = on_reconnect  # after a reconnect: notifications may have been missed
+        self.application_name = application_name  # lets operators (and tests) find this connection
         self.health_check_seconds = health_check_seconds
         self._conn: psycopg.AsyncConnection | None = None
         self._wake = asyncio.Event()
@@ -67,7 +71,9 @@ class Listener:
         self._wake.set()
 
     async def _connect(self) -> None:
-        conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
+        conn = await psycopg.AsyncConnection.connect(
+            self.database_url, autocommit=True, application_name=self.application_name
+        )
         for channel in self.channels:
             await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         self._conn = conn
@@ -111,5 +117,7 @@ class Listener:
                     await self._connect()
                     log.info("listen connection re-established on %s", ", ".join(self.channels))
                     self._wake.set()  # catch up on anything missed while away
+                    if self.on_reconnect is not None:
+                        self.on_reconnect()
                 except Exception as reconnect_error:
                     log.warning("reconnect failed: %s", reconnect_error)

@@ -164,11 +164,17 @@ class Dispatcher:
                 await asyncio.sleep(1.0)
             if handled:
                 continue
-            timeout = poll * random.uniform(0.5, 1.5)
-            if listener is not None:
-                await listener.wait(timeout)
-            else:
-                await asyncio.sleep(timeout)
+            await self._idle(poll * random.uniform(0.5, 1.5), stop, listener)
+
+    @staticmethod
+    async def _idle(timeout: float, stop: asyncio.Event, listener: Listener | None) -> None:
+        """Wait for a NOTIFY, the poll timeout or the stop signal, whichever is first."""
+        waits = [asyncio.ensure_future(stop.wait())]
+        if listener is not None:
+            waits.append(asyncio.ensure_future(listener.wait(timeout)))
+        _, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
 
 
 async def run_dispatcher(database_url: str, settings: Settings, stop: asyncio.Event) -> None:

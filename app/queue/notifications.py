@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 QUEUE_CHANNEL = "asyncinfer_queue"        # 'submit:<model>:<count>' | 'capacity:<model>:<free>'
-CANCEL_CHANNEL = "asyncinfer_cancel"      # '<worker_id>:<request_id>'
+CANCEL_CHANNEL = "asyncinfer_cancel"      # '<worker_id>:<request_id>:<attempt>'
 FINISHED_CHANNEL = "asyncinfer_finished"  # '<public_id>:<state>' (real-time requests)
 ALL_CHANNELS = (QUEUE_CHANNEL, CANCEL_CHANNEL, FINISHED_CHANNEL)
 
@@ -23,6 +23,7 @@ class WorkAvailable:
 class CancelRequested:
     worker_id: int
     request_id: int
+    attempt: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +43,9 @@ def parse(channel: str, payload: str) -> Notification | None:
             reason, model, count = payload.split(":")
             return WorkAvailable(model=model, count=int(count), reason=reason)
         if channel == CANCEL_CHANNEL:
-            worker_id, request_id = payload.split(":", 1)
-            return CancelRequested(worker_id=int(worker_id), request_id=int(request_id))
+            worker_id, request_id, *attempt = payload.split(":")
+            return CancelRequested(worker_id=int(worker_id), request_id=int(request_id),
+                                   attempt=int(attempt[0]) if attempt else None)
         if channel == FINISHED_CHANNEL:
             public_id, state = payload.split(":", 1)
             return Finished(public_id=public_id, state=state)

@@ -162,6 +162,11 @@ class Queue:
         )
         return rows[0][0]
 
+    async def ensure_model(self, name: str, capacity: int = 1) -> dict[str, Any]:
+        """Create a model with this capacity unless it exists (then leave it)."""
+        rows = await self._fetch("SELECT to_jsonb(m) FROM asyncinfer.ensure_model(%s, %s) AS m", (name, capacity))
+        return rows[0][0]
+
     async def set_capacity(self, model: str, capacity: int) -> dict[str, Any]:
         rows = await self._fetch("SELECT to_jsonb(m) FROM asyncinfer.set_capacity(%s, %s) AS m", (model, capacity))
         return rows[0][0]

@@ -13,7 +13,7 @@
 --       22023 invalid parameter value (message names the field and the rule).
 --   * NOTIFY is a hint, never a claim. Channels:
 --       asyncinfer_queue     'submit:<model>:<count>' | 'capacity:<model>:<free>'
---       asyncinfer_cancel    '<worker_id>:<request_id>'
+--       asyncinfer_cancel    '<worker_id>:<request_id>:<attempt>'
 --       asyncinfer_finished  '<public_id>:<state>'   (real-time requests only)
 --       asyncinfer_delivery  '<count>'                (new outbox rows)
 
@@ -52,6 +52,25 @@ BEGIN
     IF v_model.capacity > v_model.in_flight AND NOT v_model.paused THEN
         PERFORM pg_notify('asyncinfer_queue',
                           format('capacity:%s:%s', p_name, v_model.capacity - v_model.in_flight));
+    END IF;
+    RETURN v_model;
+END
+$$;
+
+-- Create a model with an initial capacity if it does not exist; an existing
+-- model is left as it is (workers call this on start, so a capacity an
+-- admin set since is not overwritten by a restart).
+CREATE FUNCTION asyncinfer.ensure_model(p_name text, p_capacity integer DEFAULT 1)
+RETURNS asyncinfer.models
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_model asyncinfer.models;
+BEGIN
+    INSERT INTO asyncinfer.models (name, capacity) VALUES (p_name, coalesce(p_capacity, 1))
+    ON CONFLICT (name) DO NOTHING
+    RETURNING * INTO v_model;
+    IF NOT FOUND THEN
+        SELECT * INTO v_model FROM asyncinfer.models WHERE name = p_name;
     END IF;
     RETURN v_model;
 END
@@ -153,6 +172,13 @@ BEGIN
     v_count := jsonb_array_length(p_items);
     IF v_count = 0 THEN
         RETURN;
+    END IF;
+    SELECT e.ord - 1 INTO v_queued
+      FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(item, ord)
+     WHERE jsonb_typeof(e.item) IS DISTINCT FROM 'object' OR coalesce(e.item -> 'model_input', 'null') = 'null'
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'items[%].model_input: required (any JSON value but null)', v_queued USING ERRCODE = '22023';
     END IF;
 
     -- Backpressure. Counting is only paid for when a depth limit is set; two
@@ -465,7 +491,11 @@ BEGIN
     SELECT array_agg(u.id), array_agg(u.public_id), array_agg(u.state),
            array_agg(format('%s:%s', u.public_id, u.state)) FILTER (WHERE u.priority < 0),
            (SELECT array_agg(format('capacity:%s:%s', rl.name, rl.capacity - rl.in_flight))
-              FROM released rl WHERE rl.in_flight_before >= rl.capacity AND NOT rl.paused),
+              FROM released rl WHERE rl.in_flight_before >= rl.capacity AND NOT rl.paused)
+           || (SELECT array_agg(format('submit:%s:%s', g.model, g.n))  -- retries runnable at once
+                 FROM (SELECT d.model, count(*) AS n FROM decided d
+                        WHERE d.next_state = 'QUEUED' AND d.delay = interval '0'
+                        GROUP BY d.model) AS g),
            (SELECT count(*) FROM outbox)
       INTO v_ids, v_public, v_states, v_wake, v_freed, v_deliveries
       FROM updated u;
@@ -532,7 +562,7 @@ BEGIN
             UPDATE asyncinfer.requests r SET cancel_requested = true WHERE r.id = v_req.id;
             INSERT INTO asyncinfer.request_events (request_id, kind, state, attempt, worker_id)
             VALUES (v_req.id, 'cancel_requested', 'IN_PROGRESS', v_req.attempt, v_req.lease_owner);
-            PERFORM pg_notify('asyncinfer_cancel', format('%s:%s', v_req.lease_owner, v_req.id));
+            PERFORM pg_notify('asyncinfer_cancel', format('%s:%s:%s', v_req.lease_owner, v_req.id, v_req.attempt));
         END IF;
         RETURN QUERY SELECT 'IN_PROGRESS'::asyncinfer.request_state, true, NOT v_req.cancel_requested;
     ELSE
@@ -571,7 +601,7 @@ BEGIN
     IF v_req.state = 'IN_PROGRESS' THEN
         UPDATE asyncinfer.models m SET in_flight = m.in_flight - 1 WHERE m.name = v_req.model;
         -- Tell the old worker to drop the work; its finish would be refused anyway.
-        PERFORM pg_notify('asyncinfer_cancel', format('%s:%s', v_req.lease_owner, v_req.id));
+        PERFORM pg_notify('asyncinfer_cancel', format('%s:%s:%s', v_req.lease_owner, v_req.id, v_req.attempt));
     END IF;
     PERFORM pg_notify('asyncinfer_queue', format('submit:%s:1', v_req.model));
     RETURN 'QUEUED';

@@ -164,7 +164,7 @@ async def test_cancel_in_progress_tells_the_worker_and_ends_canceled(
         result = await queue.cancel(sub.request_id)
         assert (result.state, result.cancel_requested, result.changed) == ("IN_PROGRESS", True, True)
         notes = [n.payload async for n in listener.notifies(timeout=0.5)]
-    assert notes == [f"{worker}:{req.id}"]
+    assert notes == [f"{worker}:{req.id}:{req.attempt}"]
     assert await queue.renew_leases(worker, [(req.id, req.attempt)], 30) == {req.id: True}
     # Even an output reported after the cancel ends the request CANCELED.
     [done] = await queue.finish(worker, [Outcome(req.id, req.attempt, output="too late")])
@@ -259,3 +259,15 @@ async def test_operator_views(queue: Queue, db: psycopg.Connection) -> None:
     assert db.execute("SELECT request_id, reason FROM asyncinfer.stuck_requests").fetchall() == [
         (db.execute("SELECT public_id FROM asyncinfer.requests WHERE id = %s", (req.id,)).fetchone()[0], "lease expired")
     ]
+
+
+async def test_retry_runnable_now_wakes_other_workers(queue: Queue, database_url: str) -> None:
+    await queue.upsert_model("m", capacity=5)
+    await queue.submit("m", [{"model_input": 1, "inference_retry_config": {"initial_delay_ms": 0}}])
+    worker = await new_worker(queue, ["m"])
+    [req] = await queue.claim("m", worker, 1, 30)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as listener:
+        await listener.execute("LISTEN asyncinfer_queue")
+        await queue.finish(worker, [Outcome(req.id, req.attempt, error="flaky")])
+        notes = [n.payload async for n in listener.notifies(timeout=0.3)]
+    assert notes == ["submit:m:1"]

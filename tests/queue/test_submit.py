@@ -117,3 +117,16 @@ async def test_public_ids_are_unguessable_and_name_their_row(queue: Queue, db: p
     forged = results[0].request_id.hex[:15] + ("0" if results[0].request_id.hex[15] != "0" else "1")
     forged += results[0].request_id.hex[16:]
     assert await queue.cancel(forged) is None
+
+
+async def test_missing_or_null_model_input_names_the_field(queue: Queue) -> None:
+    await queue.upsert_model("echo")
+    for items in ([{"model_input": 1}, {"priority": 1}], [{"model_input": None}], [7]):
+        with pytest.raises(InvalidParameter, match=r"items\[\d\]\.model_input: required"):
+            await queue.submit("echo", items)
+
+
+async def test_ensure_model_keeps_an_admins_capacity(queue: Queue) -> None:
+    assert (await queue.ensure_model("m", capacity=2))["capacity"] == 2
+    await queue.set_capacity("m", 9)
+    assert (await queue.ensure_model("m", capacity=2))["capacity"] == 9
