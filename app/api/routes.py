@@ -525,6 +525,63 @@ async def delete_api_key(request: Request[Any, Any, Any], key_id: str) -> ASGIAp
     return _json(200, _encode(key.to_json()))
 
 
+# -- admin: delivery ----------------------------------------------------------------------
+
+
+@post("/v1/async_request/{request_id:str}/redeliver", status_code=200, tags=["admin"])
+async def redeliver_request(request: Request[Any, Any, Any], request_id: str) -> ASGIApp:
+    """Deliver a finished request's webhook and/or storage write again (?kind=webhook|storage) (admin)."""
+    api = _api(request)
+    await _principal(request, api, admin=True)
+    rid = _request_id(request_id)
+    kind = request.query_params.get("kind")
+    if kind not in (None, "webhook", "storage"):
+        raise invalid("kind", "must be webhook or storage")
+    count = await api.queue.redeliver_request(rid, kind)
+    return _json(200, _encode({"request_id": rid, "requeued_deliveries": count}))
+
+
+@post("/v1/models/{model:str}/redeliver_failed", status_code=200, tags=["admin"])
+async def redeliver_failed(request: Request[Any, Any, Any], model: str) -> ASGIApp:
+    """Deliver again every FAILED webhook or storage write of a model's requests (admin)."""
+    api = _api(request)
+    await _principal(request, api, admin=True)
+    count = await api.queue.redeliver_failed(model)
+    return _json(200, _encode({"model": model, "requeued_deliveries": count}))
+
+
+@post("/v1/webhook_secrets", status_code=201, tags=["admin"])
+async def create_webhook_secret(request: Request[Any, Any, Any]) -> ASGIApp:
+    """Create a webhook signing secret; it is in this answer only. Every active secret signs (admin)."""
+    from app.delivery.signing import new_secret
+
+    api = _api(request)
+    await _principal(request, api, admin=True)
+    secret = new_secret()
+    secret_id = await api.queue.add_webhook_secret(secret)
+    return _json(201, _encode({"id": secret_id, "secret": secret}))
+
+
+@get("/v1/webhook_secrets", tags=["admin"])
+async def list_webhook_secrets(request: Request[Any, Any, Any]) -> ASGIApp:
+    """Webhook secrets: ids, dates and a hint, never the secrets (admin)."""
+    api = _api(request)
+    await _principal(request, api, admin=True)
+    return _json(200, _encode({"webhook_secrets": await api.queue.list_webhook_secrets()}))
+
+
+@delete("/v1/webhook_secrets/{secret_id:str}", status_code=200, tags=["admin"])
+async def revoke_webhook_secret(request: Request[Any, Any, Any], secret_id: str) -> ASGIApp:
+    """Stop signing with a secret (admin)."""
+    api = _api(request)
+    await _principal(request, api, admin=True)
+    number = query_int(secret_id, "secret_id", 1, 2**63 - 1)
+    if not await api.queue.revoke_webhook_secret(number):
+        raise ApiError(404, f"webhook secret {number}: not found or already revoked",
+                       [("secret_id", "no such active secret")])
+    return _json(200, _encode({"id": number, "revoked": True}))
+
+
 # -- operations -------------------------------------------------------------------------
 
 
@@ -563,5 +620,6 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
 ROUTES = [
     async_predict, async_predict_batch, request_status, request_output, request_events, cancel_request,
     queue_status, predict, list_models, get_model, put_model, create_api_key, get_api_keys, delete_api_key,
+    redeliver_request, redeliver_failed, create_webhook_secret, list_webhook_secrets, revoke_webhook_secret,
     healthz, readyz, metrics,
 ]

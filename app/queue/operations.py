@@ -316,6 +316,14 @@ class Queue:
         rows = await self._fetch("SELECT asyncinfer.revoke_webhook_secret(%s)", (secret_id,))
         return bool(rows and rows[0][0])
 
+    async def list_webhook_secrets(self) -> list[dict[str, Any]]:
+        """Secrets for display: id, dates and a short hint, never the secret."""
+        rows = await self._fetch(
+            "SELECT id, left(secret, 10) || '...', created_at, revoked_at FROM asyncinfer.webhook_secrets ORDER BY id",
+            (),
+        )
+        return [{"id": r[0], "hint": r[1], "created_at": r[2], "revoked_at": r[3]} for r in rows]
+
     async def active_webhook_secrets(self) -> list[str]:
         rows = await self._fetch(
             "SELECT secret FROM asyncinfer.webhook_secrets WHERE revoked_at IS NULL ORDER BY id", ()
