@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from app.queue.reads import Metrics
+from app.queue.reads import METRICS_WINDOW_SECONDS, Metrics
 
 if TYPE_CHECKING:
     from app.api.state import ApiState
@@ -70,6 +70,34 @@ def render_metrics(m: Metrics, api: ApiState) -> bytes:
     family("asyncinfer_workers", "gauge", "Worker processes by liveness (heartbeat within 60 s).")
     out.append(f"asyncinfer_workers{_labels(state='alive')} {m.workers_alive}")
     out.append(f"asyncinfer_workers{_labels(state='unresponsive')} {m.workers_unresponsive}")
+
+    window = f"{METRICS_WINDOW_SECONDS // 60}m"
+    quantiles = ("0.5", "0.95", "0.99")
+    family("asyncinfer_recent_finished", "gauge",
+           f"Requests finished in the last {window}, by model and final state (from PostgreSQL).")
+    for model, state, count, *_ in m.recent:
+        out.append(f"asyncinfer_recent_finished{_labels(model=model, state=state, window=window)} {count}")
+    family("asyncinfer_recent_retries", "gauge", f"Extra attempts of the requests finished in the last {window}.")
+    for model, state, _count, retries, *_ in m.recent:
+        out.append(f"asyncinfer_recent_retries{_labels(model=model, state=state, window=window)} {retries or 0}")
+    for metric, index, what in (("time_in_queue", 4, "submit to first start"), ("inference", 5, "start to finish"),
+                                ("end_to_end", 6, "submit to finish")):
+        family(f"asyncinfer_recent_{metric}_seconds", "gauge",
+               f"Quantiles of {what} over requests finished in the last {window}, by model and state.")
+        for row in m.recent:
+            for q, value in zip(quantiles, row[index] or ()):
+                out.append(f"asyncinfer_recent_{metric}_seconds"
+                           f"{_labels(model=row[0], state=row[1], quantile=q, window=window)} {value:.6f}")
+    family("asyncinfer_recent_deliveries", "gauge", f"Deliveries finished in the last {window}, by kind and outcome.")
+    family("asyncinfer_recent_delivery_attempts", "gauge", "Attempts of those deliveries (retries included).")
+    family("asyncinfer_recent_delivery_latency_seconds", "gauge",
+           f"Quantiles of finish-to-delivered time of deliveries finished in the last {window}.")
+    for kind, state, count, attempts, latency in m.recent_deliveries:
+        labels = dict(kind=kind, state=state, window=window)
+        out.append(f"asyncinfer_recent_deliveries{_labels(**labels)} {count}")
+        out.append(f"asyncinfer_recent_delivery_attempts{_labels(**labels)} {attempts or 0}")
+        for q, value in zip(quantiles, latency or ()):
+            out.append(f"asyncinfer_recent_delivery_latency_seconds{_labels(**labels, quantile=q)} {value:.6f}")
 
     pid = os.getpid()
     family("asyncinfer_api_submitted_total", "counter", "Requests accepted by this API process, by model.")

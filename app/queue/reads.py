@@ -237,6 +237,33 @@ SELECT count(*) FILTER (WHERE alive), count(*) FILTER (WHERE NOT alive AND state
   FROM asyncinfer.workers_overview
 """
 
+# Recent activity, derived from PostgreSQL at scrape time over a sliding
+# window (nothing here lives in a process, so nothing resets on a restart).
+# Reads finished rows through the finished_at indexes only.
+METRICS_WINDOW_SECONDS = 300
+
+METRICS_RECENT_SQL = f"""
+SELECT model, state::text,
+       count(*),
+       sum(attempt - 1) FILTER (WHERE attempt > 1),
+       percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at))
+           FILTER (WHERE started_at IS NOT NULL),
+       percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at))
+           FILTER (WHERE started_at IS NOT NULL),
+       percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at))
+  FROM asyncinfer.requests
+ WHERE finished_at > now() - interval '{METRICS_WINDOW_SECONDS} seconds'
+ GROUP BY model, state
+"""
+
+METRICS_RECENT_DELIVERIES_SQL = f"""
+SELECT kind, state::text, count(*), sum(attempts),
+       percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at))
+  FROM asyncinfer.deliveries
+ WHERE finished_at > now() - interval '{METRICS_WINDOW_SECONDS} seconds'
+ GROUP BY kind, state
+"""
+
 SCHEMA_REVISION_SQL = "SELECT version_num FROM public.alembic_version"
 
 
@@ -247,6 +274,8 @@ class Metrics:
     deliveries: list[tuple[str, int, float]]
     workers_alive: int
     workers_unresponsive: int
+    recent: list[tuple[Any, ...]]  # (model, state, count, retries, queue q[], inference q[], total q[])
+    recent_deliveries: list[tuple[Any, ...]]  # (kind, state, count, attempts, latency q[])
 
 
 class Reads:
@@ -324,4 +353,8 @@ class Reads:
                 deliveries = await cur.fetchall()
                 await cur.execute(METRICS_WORKERS_SQL)
                 alive, unresponsive = (await cur.fetchall())[0]
-        return Metrics(depth, models, deliveries, alive or 0, unresponsive or 0)
+                await cur.execute(METRICS_RECENT_SQL)
+                recent = await cur.fetchall()
+                await cur.execute(METRICS_RECENT_DELIVERIES_SQL)
+                recent_deliveries = await cur.fetchall()
+        return Metrics(depth, models, deliveries, alive or 0, unresponsive or 0, recent, recent_deliveries)

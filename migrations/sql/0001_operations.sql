@@ -94,6 +94,7 @@ BEGIN
         DELETE FROM asyncinfer.request_events e WHERE e.request_id = ANY (v_ids);
         DELETE FROM asyncinfer.request_inputs i WHERE i.request_id = ANY (v_ids);
         DELETE FROM asyncinfer.request_outputs o WHERE o.request_id = ANY (v_ids);
+        DELETE FROM asyncinfer.deliveries d WHERE d.request_id = ANY (v_ids);
         DELETE FROM asyncinfer.requests r WHERE r.id = ANY (v_ids);
     END IF;
 

@@ -176,6 +176,7 @@ CREATE TABLE asyncinfer.deliveries (
 ) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02);
 
 CREATE INDEX deliveries_due ON asyncinfer.deliveries (next_attempt_at) WHERE state = 'PENDING';
+CREATE INDEX deliveries_finished_at ON asyncinfer.deliveries (finished_at) WHERE finished_at IS NOT NULL;
 
 -- Webhook signing secrets. Several may be active during a rotation: every
 -- active one signs each delivery. Secrets must be readable to sign (HMAC),
