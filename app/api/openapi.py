@@ -70,6 +70,19 @@ DOCS: dict[tuple[str, str], Doc] = {
     ("delete", "/v1/api_keys/{key_id}"): (None, [], {
         200: ("revoked", s.ApiKeyResponse), 404: ("no such key", ERR), 400: ("key_id is not an integer", ERR),
         **_ADMIN, **_DB}),
+    ("post", "/v1/async_request/{request_id}/redeliver"): (None, [
+        ("kind", {"type": "string", "enum": ["webhook", "storage"]}, "only this kind of delivery (default: both)"),
+    ], {200: ("deliveries queued again (0: none finished yet, or no such request)", s.RedeliverResponse),
+        400: ("request_id is not a UUID, or kind is not webhook or storage", ERR), **_ADMIN, **_DB}),
+    ("post", "/v1/models/{model}/redeliver_failed"): (None, [], {
+        200: ("FAILED deliveries of the model's requests queued again", s.RedeliverFailedResponse), **_ADMIN, **_DB}),
+    ("post", "/v1/webhook_secrets"): (None, [], {
+        201: ("created; `secret` is shown only here", s.WebhookSecretCreated), **_ADMIN, **_DB}),
+    ("get", "/v1/webhook_secrets"): (None, [], {
+        200: ("secrets as hints, never the secrets", s.WebhookSecretsResponse), **_ADMIN, **_DB}),
+    ("delete", "/v1/webhook_secrets/{secret_id}"): (None, [], {
+        200: ("revoked", s.WebhookSecretRevoked), 404: ("no such active secret", ERR),
+        400: ("secret_id is not an integer", ERR), **_ADMIN, **_DB}),
     ("get", "/healthz"): (None, [], {200: ("the process is up", s.HealthResponse)}),
     ("get", "/readyz"): (None, [], {200: ("ready", s.HealthResponse), 503: ("not ready", ERR)}),
 }

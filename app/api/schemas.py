@@ -209,6 +209,37 @@ class ApiKeysResponse(Struct):
     api_keys: list[ApiKeyResponse]
 
 
+class RedeliverResponse(Struct):
+    request_id: str
+    requeued_deliveries: int
+
+
+class RedeliverFailedResponse(Struct):
+    model: str
+    requeued_deliveries: int
+
+
+class WebhookSecretCreated(Struct):
+    id: int
+    secret: str  # shown only here
+
+
+class WebhookSecretInfo(Struct):
+    id: int
+    hint: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class WebhookSecretsResponse(Struct):
+    webhook_secrets: list[WebhookSecretInfo]
+
+
+class WebhookSecretRevoked(Struct):
+    id: int
+    revoked: bool
+
+
 class HealthResponse(Struct, omit_defaults=True):
     status: str
     schema_revision: str | None = None
