@@ -11,6 +11,8 @@ One template database is migrated per session; each test gets a fresh copy
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,18 +27,22 @@ from app.queue.operations import Queue
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_url() -> Iterator[str]:
     url = os.environ.get("DATABASE_URL")
     if url:
         yield url
         return
     from app.db.embedded import EmbeddedPostgres
 
-    server = EmbeddedPostgres(Path(tmp_path_factory.mktemp("embedded-pg")))
+    # Not under pytest's basetemp: other pytest sessions on the machine rotate
+    # old basetemps away, which would delete a live server's data directory.
+    data_dir = Path(tempfile.mkdtemp(prefix="asyncinfer-test-pg-"))
+    server = EmbeddedPostgres(data_dir)
     try:
         yield server.start()
     finally:
         server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _admin(server_url: str) -> psycopg.Connection:
