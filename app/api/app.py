@@ -15,6 +15,7 @@ from app.api.errors import exception_handler
 from app.api.openapi import document_operations
 from app.api.routes import ROUTES
 from app.api.state import ApiState
+from app.dashboard import DASHBOARD_ROUTES
 from app.logs import configure_logging
 from app.settings import Settings
 
@@ -48,7 +49,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         use_handler_docstrings=True,
     )
     app = Litestar(
-        route_handlers=ROUTES,
+        route_handlers=[*ROUTES, *DASHBOARD_ROUTES],
         state=State({"api": api}),
         lifespan=[api.lifespan],
         exception_handlers={Exception: exception_handler},
