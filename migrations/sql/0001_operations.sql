@@ -12,21 +12,27 @@ SELECT m.name                                   AS model,
        coalesce(q.queued_p1, 0)                 AS queued_p1,
        coalesce(q.queued_p2, 0)                 AS queued_p2,
        coalesce(q.realtime, 0)                  AS queued_realtime,
-       coalesce(q.in_progress, 0)               AS in_progress,
+       coalesce(p.in_progress, 0)               AS in_progress,
        q.oldest_queued_at,
        extract(epoch FROM now() - q.oldest_queued_at) AS oldest_queued_age_seconds
   FROM asyncinfer.models m
+  -- Two lookups, each on its partial index (requests_ready, requests_running),
+  -- so the view never scans finished rows.
   LEFT JOIN LATERAL (
-        SELECT count(*) FILTER (WHERE r.state = 'QUEUED')                      AS queued,
-               count(*) FILTER (WHERE r.state = 'QUEUED' AND r.priority = 0)   AS queued_p0,
-               count(*) FILTER (WHERE r.state = 'QUEUED' AND r.priority = 1)   AS queued_p1,
-               count(*) FILTER (WHERE r.state = 'QUEUED' AND r.priority = 2)   AS queued_p2,
-               count(*) FILTER (WHERE r.state = 'QUEUED' AND r.priority < 0)   AS realtime,
-               count(*) FILTER (WHERE r.state = 'IN_PROGRESS')                 AS in_progress,
-               min(r.created_at) FILTER (WHERE r.state = 'QUEUED')             AS oldest_queued_at
+        SELECT count(*)                                  AS queued,
+               count(*) FILTER (WHERE r.priority = 0)    AS queued_p0,
+               count(*) FILTER (WHERE r.priority = 1)    AS queued_p1,
+               count(*) FILTER (WHERE r.priority = 2)    AS queued_p2,
+               count(*) FILTER (WHERE r.priority < 0)    AS realtime,
+               min(r.created_at)                         AS oldest_queued_at
           FROM asyncinfer.requests r
-         WHERE r.model = m.name AND r.state IN ('QUEUED', 'IN_PROGRESS')
-  ) q ON true;
+         WHERE r.model = m.name AND r.state = 'QUEUED'
+  ) q ON true
+  LEFT JOIN LATERAL (
+        SELECT count(*) AS in_progress
+          FROM asyncinfer.requests r
+         WHERE r.model = m.name AND r.state = 'IN_PROGRESS'
+  ) p ON true;
 
 -- Worker processes: alive when their heartbeat is recent (renewed every
 -- lease/3 while running), with the leases they hold now.
