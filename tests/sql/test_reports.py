@@ -105,3 +105,15 @@ def test_slowest_requests_ordered_by_total_time(db, base, run_psql) -> None:
     seed(db, base, "b", queue_ms=10, run_ms=2000)
     rows = parse(run_psql("sql/reports/slowest_requests.sql", limit=2))
     assert [(r[1], r[4], r[5], r[6]) for r in rows] == [("a", "6000.0", "5000.0", "1000.0"), ("b", "2010.0", "10.0", "2000.0")]
+
+
+def test_webhook_health(db, base, run_psql) -> None:
+    ids = [seed(db, base, "a") for _ in range(4)]
+    for request_id, (state, attempts) in zip(ids, [("SUCCEEDED", 1), ("SUCCEEDED", 3), ("FAILED", 8), ("PENDING", 2)]):
+        db.execute(
+            "INSERT INTO asyncinfer.deliveries (request_id, kind, target, state, attempts, created_at)"
+            " VALUES (%s, 'webhook', 'https://e.com/h', %s::asyncinfer.delivery_state, %s, now() - interval '10 minutes')",
+            (request_id, state, attempts))
+    [row] = parse(run_psql("sql/reports/webhook_health.sql"))
+    assert row[:8] == ["a", "webhook", "4", "2", "1", "1", "0.6667", "4.00"]
+    assert 595 <= float(row[8]) <= 660
