@@ -46,6 +46,8 @@ def forbidden_reason(address: str) -> str | None:
     ):
         if hit:
             return label
+    if not ip.is_global:  # shared address space (100.64/10, cloud metadata), benchmarking nets, ...
+        return "non-global"
     return None
 
 

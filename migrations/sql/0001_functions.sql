@@ -716,6 +716,7 @@ DECLARE
     v_states asyncinfer.request_state[];
     v_wake   text[];
     v_freed  text[];
+    v_deliveries bigint;
 BEGIN
     WITH lost AS MATERIALIZED (
         SELECT r.id, r.model, r.attempt, r.lease_owner,
@@ -740,7 +741,7 @@ BEGIN
           FROM lost l
          WHERE r.id = l.id
            AND r.state = 'IN_PROGRESS' AND r.lease_expires_at < now()   -- the guard, again
-        RETURNING r.id, r.public_id, r.state, r.priority, r.model
+        RETURNING r.id, r.public_id, r.state, r.priority, r.model, r.deliver
     ),
     outputs AS (
         INSERT INTO asyncinfer.request_outputs (request_id, error)
@@ -748,6 +749,15 @@ BEGIN
                                         'message', 'worker stopped renewing its lease; attempts exhausted')
           FROM lost l JOIN updated u ON u.id = l.id
          WHERE u.state = 'FAILED'
+    ),
+    -- A request failed here still owes its webhook (same outbox as a finish).
+    outbox AS (
+        INSERT INTO asyncinfer.deliveries (request_id, kind, target)
+        SELECT u.id, 'webhook', i.webhook_endpoint
+          FROM updated u
+          JOIN asyncinfer.request_inputs i ON i.request_id = u.id
+         WHERE u.state = 'FAILED' AND u.deliver AND i.webhook_endpoint IS NOT NULL
+        RETURNING 1
     ),
     events AS (
         INSERT INTO asyncinfer.request_events (request_id, kind, state, attempt, worker_id, detail)
@@ -772,12 +782,16 @@ BEGIN
     SELECT array_agg(u.id), array_agg(u.public_id), array_agg(u.state),
            array_agg(format('%s:%s', u.public_id, u.state)) FILTER (WHERE u.priority < 0 AND u.state <> 'QUEUED'),
            (SELECT array_agg(format('capacity:%s:%s', rl.name, rl.capacity - rl.in_flight))
-              FROM released rl WHERE NOT rl.paused)
-      INTO v_ids, v_public, v_states, v_wake, v_freed
+              FROM released rl WHERE NOT rl.paused),
+           (SELECT count(*) FROM outbox)
+      INTO v_ids, v_public, v_states, v_wake, v_freed, v_deliveries
       FROM updated u;
 
     PERFORM pg_notify('asyncinfer_finished', w) FROM unnest(v_wake) AS w;
     PERFORM pg_notify('asyncinfer_queue', f) FROM unnest(v_freed) AS f;
+    IF v_deliveries > 0 THEN
+        PERFORM pg_notify('asyncinfer_delivery', v_deliveries::text);
+    END IF;
     RETURN QUERY SELECT * FROM unnest(v_ids, v_public, v_states);
 END
 $$;
