@@ -103,8 +103,10 @@ def shared_api(shared_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`slow` scenarios (the 100 000-request soak, the heavier fault runs) are
-    skipped unless asked for with `-m slow` or RELIABILITY_SLOW=1: CI runs the
-    un-marked run of every scenario within its budget."""
+    deselected by pyproject's `addopts = "-m 'not slow'"`; should that be
+    overridden (`-o addopts=`), they are skipped here unless `-m slow` or
+    RELIABILITY_SLOW=1 asks for them. CI runs the un-marked run of every
+    scenario within its budget."""
     if "slow" in (config.option.markexpr or "") or os.environ.get("RELIABILITY_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow: run with -m slow or RELIABILITY_SLOW=1")

@@ -345,7 +345,8 @@ def reconcile(database_url: str, accepted: Iterable[str] | None = None, *, exact
     * accepted == terminal, and exactly ONE terminal event per request in
       request_events (no request finished twice), one output row per
       SUCCEEDED/FAILED request;
-    * webhooks: no delivery left PENDING.
+    * webhooks: a webhook delivery for every finished request that named
+      one (however it finished), none left PENDING.
     Returns the figures for the report.
     """
     with psycopg.connect(database_url, autocommit=True) as db:
@@ -388,6 +389,12 @@ def reconcile(database_url: str, accepted: Iterable[str] | None = None, *, exact
             deliveries = dict(db.execute("SELECT state::text, count(*) FROM asyncinfer.deliveries"
                                          " WHERE kind = 'webhook' GROUP BY 1").fetchall())
             assert not deliveries.get("PENDING"), f"webhooks still pending: {deliveries}"
+            unowed = db.execute(
+                "SELECT count(*) FROM asyncinfer.requests r JOIN asyncinfer.request_inputs i ON i.request_id = r.id"
+                " WHERE i.webhook_endpoint IS NOT NULL AND r.state IN ('SUCCEEDED', 'FAILED') AND NOT EXISTS"
+                " (SELECT 1 FROM asyncinfer.deliveries d WHERE d.request_id = r.id AND d.kind = 'webhook')"
+            ).fetchone()[0]
+            assert unowed == 0, f"{unowed} finished requests with a webhook have no webhook delivery"
             result["webhooks"] = deliveries
         return result
 

@@ -47,27 +47,23 @@ def _wait_holding(db: psycopg.Connection, worker_id: int, at_least: int, timeout
 
 
 def _fleet(database_url: str, procs: Procs, workers: int, capacity: int, batch_sleep_ms: float,
-           ) -> tuple[list[Proc], dict[int, int]]:
+           ) -> tuple[list[Proc], dict[int, int], str]:
     with psycopg.connect(database_url, autocommit=True) as db:
         db.execute("SELECT asyncinfer.upsert_model(%s, %s)", (MODEL, capacity))
     toml = flaky_toml(MODEL, capacity=capacity, max_batch_size=8, fail_rate=0.1, batch_sleep_ms=batch_sleep_ms)
     fleet = [procs.worker(toml, [MODEL]) for _ in range(workers)]
-    return fleet, wait_workers_healthy(database_url, fleet)
+    return fleet, wait_workers_healthy(database_url, fleet), toml
 
 
-def _run_fault(database_url: str, procs: Procs, figures: dict[str, Any], n: int, batch_sleep_ms: float,
-               fault: str) -> None:
-    fleet, ids_by_pid = _fleet(database_url, procs, workers=3, capacity=12, batch_sleep_ms=batch_sleep_ms)
-    victim = fleet[0]
-    victim_id = ids_by_pid[victim.pid]
-    with CapacitySampler(database_url) as sampler, psycopg.connect(database_url, autocommit=True) as db:
-        started = time.monotonic()
-        accepted = submit_bulk(database_url, MODEL, flaky_items(n))
-        deadline = time.monotonic() + 30
-        while db.execute("SELECT count(*) FROM asyncinfer.requests WHERE finished_at IS NOT NULL"
-                         ).fetchone()[0] < n // 5:  # under way: a fifth done
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+def _hit(database_url: str, procs: Procs, db: psycopg.Connection, fleet: list[Proc], ids_by_pid: dict[int, int],
+         toml: str, fault: str) -> tuple[Proc, int, float, list[tuple[int, int]]]:
+    """Kill or freeze a worker while it holds requests. A worker may be
+    between batches (its finish landing just as it is hit, the model's
+    capacity held by the others): then it held nothing, and the next worker
+    (a fresh one after a kill) is hit instead."""
+    for attempt in range(6):
+        victim = fleet[attempt % len(fleet)]
+        victim_id = ids_by_pid[victim.pid]
         _wait_holding(db, victim_id, 4)  # mid-batch: it holds a batch it is running
         if fault == "kill":
             victim.signal(signal.SIGKILL)
@@ -77,7 +73,29 @@ def _run_fault(database_url: str, procs: Procs, figures: dict[str, Any], n: int,
         hit_at = time.monotonic()
         time.sleep(0.3)  # a statement the victim sent just before the hit still runs to its commit
         orphaned = _held(db, victim_id)
-        assert orphaned, "the victim held nothing when hit"
+        if orphaned:
+            return victim, victim_id, hit_at, orphaned
+        if fault == "kill":
+            fleet.remove(victim)
+            fleet.append(procs.worker(toml, [MODEL]))
+            ids_by_pid.update(wait_workers_healthy(database_url, fleet))
+        else:
+            victim.signal(signal.SIGCONT)
+    raise AssertionError("no worker held anything when hit, six times")
+
+
+def _run_fault(database_url: str, procs: Procs, figures: dict[str, Any], n: int, batch_sleep_ms: float,
+               fault: str) -> None:
+    fleet, ids_by_pid, toml = _fleet(database_url, procs, workers=3, capacity=12, batch_sleep_ms=batch_sleep_ms)
+    with CapacitySampler(database_url) as sampler, psycopg.connect(database_url, autocommit=True) as db:
+        started = time.monotonic()
+        accepted = submit_bulk(database_url, MODEL, flaky_items(n))
+        deadline = time.monotonic() + 30
+        while db.execute("SELECT count(*) FROM asyncinfer.requests WHERE finished_at IS NOT NULL"
+                         ).fetchone()[0] < n // 5:  # under way: a fifth done
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        victim, victim_id, hit_at, orphaned = _hit(database_url, procs, db, fleet, ids_by_pid, toml, fault)
         progress = db.execute("SELECT count(*) FROM asyncinfer.requests WHERE finished_at IS NOT NULL").fetchone()[0]
 
         # Liveness (invariant 4): the victim's requests are back in the queue

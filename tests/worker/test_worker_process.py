@@ -336,11 +336,12 @@ async def test_wake_up_comes_from_notify_not_the_poll_and_survives_a_dead_listen
 
     listener = f"asyncinfer-listen:{worker_id}"
     [(killed,)] = await fetch(queue, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                                     " WHERE application_name = %s", listener)
+                                     " WHERE application_name = %s AND datname = current_database()", listener)
     assert killed == 1
 
     async def relistening() -> bool:
-        rows = await fetch(queue, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", listener)
+        rows = await fetch(queue, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                                 " AND datname = current_database()", listener)
         return rows[0][0] == 1
 
     await wait_until(relistening, 5, "the listen connection to come back")
