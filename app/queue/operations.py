@@ -205,6 +205,37 @@ class Queue:
         )
         return [Submitted(request_id=r[0], created=r[1]) for r in rows]
 
+    # -- pipelines ----------------------------------------------------------
+
+    async def upsert_pipeline(self, name: str, steps: list[dict[str, Any]] | str) -> dict[str, Any]:
+        """Declare (or redeclare) a pipeline; the steps are checked in SQL."""
+        payload = steps if isinstance(steps, str) else encode_json(steps)
+        rows = await self._fetch(
+            "SELECT to_jsonb(p) FROM asyncinfer.upsert_pipeline(%s, %s::jsonb) AS p", (name, payload)
+        )
+        return rows[0][0]
+
+    async def delete_pipeline(self, name: str) -> bool:
+        rows = await self._fetch("SELECT asyncinfer.delete_pipeline(%s)", (name,))
+        return bool(rows[0][0])
+
+    async def submit_pipeline(
+        self,
+        pipeline: str,
+        items: Sequence[dict[str, Any]] | bytes | str,
+        api_key_id: int | None = None,
+        steps: list[dict[str, Any]] | str | None = None,
+    ) -> list[Submitted]:
+        """Submit pipeline runs (async_predict bodies): the declared pipeline
+        named `pipeline`, or with `steps` an inline one labelled so."""
+        payload = items.decode() if isinstance(items, bytes) else items if isinstance(items, str) else encode_json(items)
+        inline = steps if steps is None or isinstance(steps, str) else encode_json(steps)
+        rows = await self._fetch(
+            "SELECT request_id, created FROM asyncinfer.submit_pipeline(%s, %s::jsonb, %s, %s::jsonb)",
+            (pipeline, payload, api_key_id, inline),
+        )
+        return [Submitted(request_id=r[0], created=r[1]) for r in rows]
+
     # -- worker side --------------------------------------------------------
 
     async def claim(
