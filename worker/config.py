@@ -18,6 +18,16 @@ One TOML table per model, named by the model (the name requests use):
 
 Default concurrency: 2 x max_batch_size for a batching model (one batch runs
 while the next one forms), else min(capacity, 64).
+
+Pipelines chain models; every worker declares the file's pipelines in the
+database on start (asyncinfer.upsert_pipeline checks them):
+
+    [pipelines.audio-to-label]
+    steps = [
+      { model = "transcribe" },
+      { model = "embed", input = { text = "$.text" } },   # a JSON path into the previous output
+      { model = "classify", fan_out = "$.chunks" },        # one request per list element, gathered
+    ]
 """
 
 from __future__ import annotations
@@ -137,14 +147,53 @@ def parse_model(name: str, table: Any, source: str = "<config>") -> ModelConfig:
     return ModelConfig(**kwargs)
 
 
-def parse_model_configs(text: str, source: str = "<config>") -> dict[str, ModelConfig]:
+def _load_toml(text: str, source: str) -> dict[str, Any]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{source}: not valid TOML: {error}") from error
-    unknown = sorted(set(data) - {"models"})
+    unknown = sorted(set(data) - {"models", "pipelines"})
     if unknown:
-        raise ConfigError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; models go in [models.<name>]")
+        raise ConfigError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; "
+                          "models go in [models.<name>], pipelines in [pipelines.<name>]")
+    return data
+
+
+def parse_pipelines(text: str, source: str = "<config>") -> dict[str, list[dict[str, Any]]]:
+    """The [pipelines.<name>] tables: name -> steps. The shape is checked
+    here; paths and templates are checked by the database on declaration."""
+    pipelines = _load_toml(text, source).get("pipelines", {})
+    if not isinstance(pipelines, dict):
+        raise ConfigError(f"{source}: pipelines must be a table of [pipelines.<name>] tables")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, table in pipelines.items():
+        where = f"{source}: [pipelines.{name}]"
+        if not _NAME.match(name):
+            raise ConfigError(f"{where}: the pipeline name must match {_NAME.pattern}")
+        if not isinstance(table, dict) or set(table) != {"steps"}:
+            raise ConfigError(f"{where}: must hold exactly one key, steps = [{{ model = ... }}, ...]")
+        steps = table["steps"]
+        if not isinstance(steps, list) or not steps or not all(isinstance(st, dict) for st in steps):
+            raise ConfigError(f"{where}: steps must be a non-empty list of {{ model = ..., input = ..., fan_out = ... }}")
+        for index, step in enumerate(steps):
+            unknown = sorted(set(step) - {"model", "input", "fan_out"})
+            if unknown or not isinstance(step.get("model"), str):
+                raise ConfigError(f"{where}: steps[{index}] needs model = \"<name>\" and may have input, fan_out"
+                                  + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        out[name] = steps
+    return out
+
+
+def load_pipelines(path: str | Path | None = None) -> dict[str, list[dict[str, Any]]]:
+    file = Path(path) if path is not None else DEFAULT_MODELS_FILE
+    try:
+        return parse_pipelines(file.read_text(), str(file))
+    except OSError as error:
+        raise ConfigError(f"{file}: cannot read the models file: {error}") from error
+
+
+def parse_model_configs(text: str, source: str = "<config>") -> dict[str, ModelConfig]:
+    data = _load_toml(text, source)
     models = data.get("models", {})
     if not isinstance(models, dict):
         raise ConfigError(f"{source}: models must be a table of [models.<name>] tables")

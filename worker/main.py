@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from app.settings import Settings
-from worker.config import ConfigError, load_model_configs, models_file, select_models
+from worker.config import ConfigError, load_model_configs, load_pipelines, models_file, select_models
 
 
 def worker_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -21,6 +21,7 @@ def worker_command(args: argparse.Namespace, settings: Settings) -> int:
     try:
         configs = load_model_configs(path)
         chosen, notes = select_models(configs, getattr(args, "models", None))
+        pipelines = load_pipelines(path)
     except ConfigError as error:
         print(f"asyncinfer worker: {error}", file=sys.stderr)
         return 2
@@ -40,7 +41,7 @@ def worker_command(args: argparse.Namespace, settings: Settings) -> int:
     outcome: dict[str, int] = {}
 
     async def main(url: str, stop) -> None:  # type: ignore[no-untyped-def]
-        outcome["code"] = await run_worker(url, settings, chosen, concurrency, stop)
+        outcome["code"] = await run_worker(url, settings, chosen, concurrency, stop, pipelines)
 
     code = run_service(main, settings)
     return code or outcome.get("code", 0)

@@ -39,6 +39,7 @@ import msgspec
 from app.db.listener import Listener
 from app.db.pool import open_pool
 from app.queue import notifications
+from app.queue.errors import InvalidParameter
 from app.queue.operations import Outcome, Queue
 from app.settings import Settings
 from worker import capture
@@ -78,8 +79,9 @@ def _in_daemon_thread(fn: Callable[[], Any]) -> asyncio.Future[Any]:
 
 class WorkerProcess:
     def __init__(self, queue: Queue, settings: Settings, database_url: str, configs: list[ModelConfig],
-                 concurrency: int | None = None) -> None:
+                 concurrency: int | None = None, pipelines: dict[str, list[dict[str, Any]]] | None = None) -> None:
         self.queue = queue
+        self.pipelines = pipelines or {}
         self.settings = settings
         self.database_url = database_url
         self.configs = configs
@@ -338,6 +340,14 @@ class WorkerProcess:
             # The file's capacity is the initial one: a capacity set since by
             # an admin (API, CLI, psql) is not overwritten by a restart.
             await self.queue.ensure_model(config.name, capacity=config.capacity)
+        for name, steps in self.pipelines.items():
+            # Unlike capacity, a declaration in the file is authoritative: a
+            # deploy that edits a pipeline takes effect when its workers start.
+            try:
+                await self.queue.upsert_pipeline(name, steps)
+            except InvalidParameter as error:
+                log.error("models file: [pipelines.%s]: %s", name, error)
+                return 2
         self.worker_id = await self.queue.register_worker(
             f"worker:{'+'.join(names)}"[:200], socket.gethostname(), os.getpid(), names)
         extra = {"worker_id": self.worker_id}
@@ -434,7 +444,7 @@ class WorkerProcess:
 
 
 async def run_worker(database_url: str, settings: Settings, configs: list[ModelConfig], concurrency: int | None,
-                     stop: asyncio.Event) -> int:
+                     stop: asyncio.Event, pipelines: dict[str, list[dict[str, Any]]] | None = None) -> int:
     capture.install()
     # A model thread woken for a new request waits for the GIL at most this
     # long while the event loop holds it (default 5 ms: a wake-up latency tail).
@@ -444,7 +454,7 @@ async def run_worker(database_url: str, settings: Settings, configs: list[ModelC
     size = len(configs) + 4
     pool = await open_pool(database_url, min_size=min(3, size), max_size=size, name="asyncinfer-worker", check="never")
     try:
-        worker = WorkerProcess(Queue(pool), settings, database_url, configs, concurrency)
+        worker = WorkerProcess(Queue(pool), settings, database_url, configs, concurrency, pipelines)
         return await worker.run(stop)
     finally:
         await pool.close()

@@ -88,6 +88,8 @@ def from_exception(exc: Exception, retry_after: int) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, qerr.UnknownModel):
+        if str(exc).startswith("pipeline "):
+            return ApiError(404, str(exc), [("pipeline", "must name a declared pipeline (or give steps inline)")])
         return ApiError(404, str(exc), [("model", "must name an existing model")])
     if isinstance(exc, qerr.NotFound):
         return ApiError(404, str(exc), [("request_id", "no such request")])

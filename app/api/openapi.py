@@ -42,7 +42,20 @@ DOCS: dict[tuple[str, str], Doc] = {
     ("post", "/v1/models/{model}/async_predict_batch"): (s.BatchBody, [], {
         201: ("all queued, ids in input order", s.BatchResponse),
         200: ("every idempotency_key matched an existing request", s.BatchResponse), **_SUBMIT}),
-    ("get", "/v1/async_request/{request_id}"): (None, [], {200: ("status", s.RequestStatusResponse), **_BY_ID}),
+    ("get", "/v1/async_request/{request_id}"): (None, [], {
+        200: ("status; a pipeline run also carries `pipeline` (its steps)", s.PipelineRequestStatusResponse),
+        **_BY_ID}),
+    ("post", "/v1/pipelines/{name}/async_predict"): (s.PipelinePredictBody, [], {
+        201: ("the run started (step 0 queued)", s.SubmitResponse),
+        200: ("idempotency_key matched an existing run", s.SubmitResponse),
+        **{**_SUBMIT, 404: ("unknown pipeline, or a step names an unknown model", ERR)}}),
+    ("get", "/v1/pipelines"): (None, [], {200: ("declared pipelines", s.PipelinesResponse), **_AUTH, **_DB}),
+    ("get", "/v1/pipelines/{name}"): (None, [], {
+        200: ("the pipeline", s.PipelineResponse), 404: ("unknown pipeline", ERR), **_AUTH, **_DB}),
+    ("put", "/v1/pipelines/{name}"): (s.PipelineBody, [], {
+        200: ("replaced", s.PipelineResponse), 201: ("declared", s.PipelineResponse), **_ADMIN, **_BODY, **_DB}),
+    ("delete", "/v1/pipelines/{name}"): (None, [], {
+        200: ("removed", s.DeletedResponse), 404: ("unknown pipeline", ERR), **_ADMIN, **_DB}),
     ("get", "/v1/async_request/{request_id}/output"): (None, [], {
         200: ("the output, or the final error of a FAILED request", s.OutputResponse),
         409: ("not finished yet", ERR), **_BY_ID}),
@@ -102,6 +115,7 @@ def _content(t: Any, refs: dict[Any, dict[str, Any]]) -> dict[str, OpenAPIMediaT
 
 PATH_PARAMETERS: dict[str, dict[str, Any]] = {
     "model": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
+    "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
     "request_id": {"type": "string", "format": "uuid"},
     "key_id": {"type": "integer", "minimum": 1},
 }

@@ -34,6 +34,8 @@ from app.api.schemas import (
     AsyncPredictBody,
     BatchBody,
     ModelUpdateBody,
+    PipelineBody,
+    PipelinePredictBody,
     RealtimeItem,
 )
 from app.api.state import ApiState
@@ -230,6 +232,38 @@ def _status_body(s: Any) -> dict[str, Any]:
     return body
 
 
+def _ms(start: datetime | None, end: datetime | None) -> int | None:
+    return None if start is None or end is None else int((end - start).total_seconds() * 1000)
+
+
+STEP_STATES = ("QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED", "CANCELED", "EXPIRED")
+
+
+def _pipeline_body(steps: list[Any], run_state: str) -> dict[str, Any]:
+    """The `pipeline` part of a run's status: each step's status and timings."""
+    out = []
+    for st in steps:
+        counts = dict(zip(STEP_STATES, (st.queued, st.in_progress, st.succeeded, st.failed, st.canceled, st.expired)))
+        if st.requests == 0:
+            status = "SKIPPED" if st.step < st.current_step else "PENDING" if run_state == "IN_PROGRESS" else "NOT_RUN"
+        else:
+            # the most telling state among the step's requests
+            status = next(s for s in ("IN_PROGRESS", "QUEUED", "FAILED", "EXPIRED", "CANCELED", "SUCCEEDED")
+                          if counts[s])
+        item: dict[str, Any] = {"step": st.step, "model": st.model, "status": status, "num_requests": st.requests}
+        if st.fan_out:
+            item["fan_out"] = True
+            item["requests_by_status"] = {k: v for k, v in counts.items() if v}
+        if st.request_id is not None:
+            item["request_id"] = str(st.request_id)
+        if st.created_at is not None:
+            item.update(created_at=st.created_at, started_at=st.started_at, finished_at=st.finished_at,
+                        time_in_queue_ms=_ms(st.created_at, st.started_at), run_time_ms=_ms(st.started_at, st.finished_at))
+        out.append(item)
+    return {"name": steps[0].pipeline if steps else "", "current_step": steps[0].current_step if steps else 0,
+            "steps": out}
+
+
 @get("/v1/async_request/{request_id:str}", tags=["requests"])
 async def request_status(request: Request[Any, Any, Any], request_id: str) -> ASGIApp:
     """A request's status; `queue_position` while it waits (0: next to run)."""
@@ -239,7 +273,10 @@ async def request_status(request: Request[Any, Any, Any], request_id: str) -> AS
     status = await api.reads.request_status(rid, principal.scope)
     if status is None:
         raise _not_found(rid)
-    return _json(200, _encode(_status_body(status)))
+    body = _status_body(status)
+    if status.model.startswith("pipeline:"):
+        body["pipeline"] = _pipeline_body(await api.reads.pipeline_status(rid), status.state)
+    return _json(200, _encode(body))
 
 
 @get("/v1/async_request/{request_id:str}/output", tags=["requests"])
@@ -295,6 +332,10 @@ async def request_events(request: Request[Any, Any, Any], request_id: str) -> AS
             item["worker_id"] = e.worker_id
         if e.detail_json is not None:
             item["detail"] = msgspec.Raw(e.detail_json.encode())
+        if e.step_request_id is not None:  # a pipeline run's log: an event of one of its steps
+            item["request_id"] = str(e.step_request_id)
+            item["step"] = e.step
+            item["item"] = e.item
         out.append(item)
     return _json(200, _encode({"request_id": rid, "events": out}))
 
@@ -338,6 +379,78 @@ async def queue_status(request: Request[Any, Any, Any], model: str) -> ASGIApp:
         "queued_by_priority": {"-1": status.queued_realtime, "0": status.queued_p0, "1": status.queued_p1,
                                "2": status.queued_p2},
     }))
+
+
+# -- pipelines ----------------------------------------------------------------------
+
+
+@post("/v1/pipelines/{name:str}/async_predict", status_code=201, tags=["pipelines"])
+async def pipeline_async_predict(request: Request[Any, Any, Any], name: str) -> ASGIApp:
+    """Start a pipeline run; answers at once with one request_id for the whole run. Each step
+    is queued on its own model (its capacity, priority order, retries, leases); the webhook
+    and the output location receive the final output once. With `steps` in the body the
+    pipeline is given inline and {name} is only its label."""
+    api = _api(request)
+    principal = await _principal(request, api)
+    _rate_limit(principal)
+    body = await _json_body(request)
+    if not MODEL_NAME.fullmatch(name):
+        raise invalid("name", "must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+    item = decode(body, PipelinePredictBody)
+    await check_item(item, api.urls, api.settings.max_metadata_bytes)
+    inline = None if item.steps is msgspec.UNSET else _encode(item.steps).decode()
+    [result] = await api.queue.submit_pipeline(name, _encode(item), principal.key_id, inline)
+    api.submitted[f"pipeline:{name}"] += 1
+    return _json(201 if result.created else 200, b'{"request_id":"%s"}' % str(result.request_id).encode())
+
+
+def _pipeline_decl(row: tuple[Any, ...]) -> dict[str, Any]:
+    name, steps, created_at, updated_at = row
+    return {"name": name, "steps": steps, "created_at": created_at, "updated_at": updated_at}
+
+
+@get("/v1/pipelines", tags=["pipelines"])
+async def list_pipelines(request: Request[Any, Any, Any]) -> ASGIApp:
+    """Every declared pipeline with its steps."""
+    api = _api(request)
+    await _principal(request, api)
+    return _json(200, _encode({"pipelines": [_pipeline_decl(r) for r in await api.reads.pipelines()]}))
+
+
+@get("/v1/pipelines/{name:str}", tags=["pipelines"])
+async def get_pipeline(request: Request[Any, Any, Any], name: str) -> ASGIApp:
+    """One declared pipeline."""
+    api = _api(request)
+    await _principal(request, api)
+    found = await api.reads.pipelines(name)
+    if not found:
+        raise ApiError(404, f"pipeline {name}: unknown pipeline", [("name", "must name a declared pipeline")])
+    return _json(200, _encode(_pipeline_decl(found[0])))
+
+
+@put("/v1/pipelines/{name:str}", status_code=200, tags=["pipelines"])
+async def put_pipeline(request: Request[Any, Any, Any], name: str) -> ASGIApp:
+    """Declare a pipeline or replace its steps; runs already started keep the steps they began with (admin)."""
+    api = _api(request)
+    await _principal(request, api, admin=True)
+    body = await _json_body(request)
+    if not MODEL_NAME.fullmatch(name):
+        raise invalid("name", "must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+    declaration = decode(body, PipelineBody)
+    existed = bool(await api.reads.pipelines(name))
+    row = await api.queue.upsert_pipeline(name, _encode(declaration.steps).decode())
+    return _json(200 if existed else 201, _encode({**row, "created_at": _timestamp(row["created_at"]),
+                                                   "updated_at": _timestamp(row["updated_at"])}))
+
+
+@delete("/v1/pipelines/{name:str}", status_code=200, tags=["pipelines"])
+async def delete_pipeline(request: Request[Any, Any, Any], name: str) -> ASGIApp:
+    """Remove a declaration; runs in flight finish with their own copy of the steps (admin)."""
+    api = _api(request)
+    await _principal(request, api, admin=True)
+    if not await api.queue.delete_pipeline(name):
+        raise ApiError(404, f"pipeline {name}: unknown pipeline", [("name", "must name a declared pipeline")])
+    return _json(200, _encode({"name": name, "deleted": True}))
 
 
 # -- real time --------------------------------------------------------------------
@@ -619,7 +732,8 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 ROUTES = [
     async_predict, async_predict_batch, request_status, request_output, request_events, cancel_request,
-    queue_status, predict, list_models, get_model, put_model, create_api_key, get_api_keys, delete_api_key,
+    queue_status, pipeline_async_predict, list_pipelines, get_pipeline, put_pipeline, delete_pipeline,
+    predict, list_models, get_model, put_model, create_api_key, get_api_keys, delete_api_key,
     redeliver_request, redeliver_failed, create_webhook_secret, list_webhook_secrets, revoke_webhook_secret,
     healthz, readyz, metrics,
 ]

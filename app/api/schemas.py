@@ -50,6 +50,10 @@ RULES: dict[str, str] = {
     "name": "must be a string of 1 to 200 characters",
     "is_admin": "must be true or false",
     "rate_limit_per_second": "must be a number > 0, or null for no limit",
+    "steps": "must be an array of 1 to 32 steps {model, input?, fan_out?}",
+    "model": "must be a model name",
+    "input": "must be a JSON template",
+    "fan_out": "must be a JSON path such as \"$\" or \"$.chunks\"",
 }
 
 
@@ -78,6 +82,36 @@ class BatchBody(Struct, forbid_unknown_fields=True):
     """Up to ASYNCINFER_MAX_BATCH_ITEMS requests, accepted all together or not at all."""
 
     requests: list[AsyncPredictBody]
+
+
+class PipelineStepBody(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One step: a request of `model`. `input` is a JSON template: a string starting with
+    "$" is a JSON path into the previous step's output ("$": all of it), "$input..." a path
+    into the pipeline's input, "$$..." the literal "$...". Without `input` the step gets the
+    previous output as is. `fan_out` (a JSON path to a list in the previous output) makes
+    one request per element (the template applies to each, "$" being the element); their
+    outputs are gathered, in list order, as this step's output."""
+
+    model: Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+    input: Raw | msgspec.UnsetType = msgspec.UNSET
+    fan_out: Annotated[str, Meta(pattern=r"^\$", max_length=1000)] | msgspec.UnsetType = msgspec.UNSET
+
+
+Steps = Annotated[list[PipelineStepBody], Meta(min_length=1, max_length=32)]
+
+
+class PipelineBody(Struct, forbid_unknown_fields=True):
+    """A pipeline's declaration (PUT /v1/pipelines/{name})."""
+
+    steps: Steps
+
+
+class PipelinePredictBody(AsyncPredictBody, forbid_unknown_fields=True, omit_defaults=True):
+    """One pipeline run: the async_predict options apply to the run (its webhook, output
+    location and idempotency key) and to every step (priority, retries, queue deadline).
+    With `steps`, the pipeline is given inline and {name} is only its label."""
+
+    steps: Steps | msgspec.UnsetType = msgspec.UNSET
 
 
 class RealtimeItem(Struct, omit_defaults=True):
@@ -138,6 +172,51 @@ class RequestStatusResponse(Struct, omit_defaults=True):
     cancel_requested: bool = False
 
 
+class PipelineStepStatus(Struct, omit_defaults=True):
+    step: int
+    model: str
+    # PENDING (not reached) QUEUED IN_PROGRESS SUCCEEDED FAILED CANCELED EXPIRED,
+    # SKIPPED (an empty fan-out), NOT_RUN (the run ended before it)
+    status: str
+    num_requests: int
+    fan_out: bool = False
+    request_id: str | None = None  # when the step is one request
+    requests_by_status: dict[str, int] | None = None  # fan-out steps
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    time_in_queue_ms: int | None = None
+    run_time_ms: int | None = None
+
+
+class PipelineRunStatus(Struct):
+    name: str
+    current_step: int
+    steps: list[PipelineStepStatus]
+
+
+class PipelineRequestStatusResponse(RequestStatusResponse, omit_defaults=True):
+    """A pipeline run's status: the request fields plus its steps."""
+
+    pipeline: PipelineRunStatus | None = None
+
+
+class PipelineResponse(Struct):
+    name: str
+    steps: list[PipelineStepBody]
+    created_at: datetime
+    updated_at: datetime
+
+
+class PipelinesResponse(Struct):
+    pipelines: list[PipelineResponse]
+
+
+class DeletedResponse(Struct):
+    name: str
+    deleted: bool
+
+
 class OutputResponse(Struct, omit_defaults=True):
     request_id: str
     status: str
@@ -154,6 +233,9 @@ class Event(Struct, omit_defaults=True):
     attempt: int | None = None
     worker_id: int | None = None
     detail: Any = None
+    request_id: str | None = None  # in a pipeline run's log: the step request the event is of
+    step: int | None = None
+    item: int | None = None
 
 
 class EventsResponse(Struct):

@@ -95,13 +95,37 @@ class RequestOutput:
     stored_url: str | None
 
 
+# A pipeline run's log holds its steps' events too (each with the step's
+# request id, step and fan-out item); for any other request the step list
+# is empty and this is the request's own log.
 REQUEST_EVENTS_SQL = """
-SELECT e.id, e.at, e.kind, e.state::text, e.attempt, e.worker_id, e.detail::text
+SELECT e.id, e.at, e.kind, e.state::text, e.attempt, e.worker_id, e.detail::text,
+       step_request.public_id AS step_request_id, s.step, s.item
   FROM asyncinfer.request_events e
- WHERE e.request_id = asyncinfer.request_id_of(%(request_id)s::uuid)
+  LEFT JOIN asyncinfer.pipeline_steps s ON s.request_id = e.request_id
+  LEFT JOIN asyncinfer.requests step_request ON step_request.id = s.request_id
+ WHERE e.request_id = ANY (ARRAY(
+           SELECT asyncinfer.request_id_of(%(request_id)s::uuid)
+           UNION ALL
+           SELECT ps.request_id FROM asyncinfer.pipeline_steps ps
+            WHERE ps.run_id = asyncinfer.request_id_of(%(request_id)s::uuid)))
    AND e.id > %(after_id)s
  ORDER BY e.id
  LIMIT %(limit)s
+"""
+
+# The steps of a pipeline run (one row per declared step; see the SQL
+# function for the columns).
+PIPELINE_STATUS_SQL = """
+SELECT pipeline, current_step, step, model, fan_out, requests, queued, in_progress, succeeded, failed,
+       canceled, expired, request_id, created_at, started_at, finished_at
+  FROM asyncinfer.pipeline_status(%(request_id)s::uuid)
+"""
+
+PIPELINES_SQL = """
+SELECT p.name, p.steps, p.created_at, p.updated_at FROM asyncinfer.pipelines p
+ WHERE %(name)s::text IS NULL OR p.name = %(name)s::text
+ ORDER BY p.name
 """
 
 REQUEST_VISIBLE_SQL = """
@@ -128,6 +152,29 @@ class RequestEvent:
     attempt: int | None
     worker_id: int | None
     detail_json: str | None
+    step_request_id: UUID | None = None  # pipeline runs: the event is of this step request
+    step: int | None = None
+    item: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineStep:
+    pipeline: str
+    current_step: int
+    step: int
+    model: str
+    fan_out: bool
+    requests: int
+    queued: int
+    in_progress: int
+    succeeded: int
+    failed: int
+    canceled: int
+    expired: int
+    request_id: UUID | None  # when the step is one request
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
 
 
 # -- models and queues -------------------------------------------------------
@@ -310,6 +357,13 @@ class Reads:
                     return None
                 await cur.execute(REQUEST_EVENTS_SQL, params)
                 return [RequestEvent(*r) for r in await cur.fetchall()]
+
+    async def pipeline_status(self, request_id: UUID | str) -> list[PipelineStep]:
+        """The steps of a run (the caller has checked it may see the run)."""
+        return [PipelineStep(*r) for r in await self._rows(PIPELINE_STATUS_SQL, {"request_id": str(request_id)})]
+
+    async def pipelines(self, name: str | None = None) -> list[tuple[Any, ...]]:
+        return await self._rows(PIPELINES_SQL, {"name": name})
 
     async def request_states(self, request_ids: list[str]) -> dict[str, str]:
         """{public id: state} for the ids that exist (no key filter: internal use)."""

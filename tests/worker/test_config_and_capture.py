@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from worker.config import (
     DEFAULT_MODELS_FILE,
     ConfigError,
     load_model_configs,
+    load_pipelines,
     models_file,
+    parse_pipelines,
     parse_model_configs,
     select_models,
 )
@@ -23,11 +26,35 @@ from worker.main import worker_command
 
 def test_shipped_models_file_declares_the_shipped_models() -> None:
     configs = load_model_configs()
-    assert set(configs) == {"echo", "sleep", "torch-mlp", "minilm"}
+    assert set(configs) == {"echo", "sleep", "torch-mlp", "minilm", "sentence-classifier"}
     for config in configs.values():
         assert config.class_path.startswith("worker.models.")
     assert configs["torch-mlp"].requires == ("torch",)
     assert configs["minilm"].max_batch_size > 1
+    # the shipped pipeline chains shipped models only
+    pipelines = load_pipelines()
+    assert [s["model"] for s in pipelines["classify-sentences"]] == ["minilm", "sentence-classifier"]
+    assert configs["sentence-classifier"].load_options["input_dim"] == 384  # MiniLM's embedding size
+
+
+def test_pipelines_in_the_models_file_are_checked() -> None:
+    text = """
+        [models.a]
+        class = "pkg.mod:A"
+        [pipelines.p]
+        steps = [{ model = "a" }, { model = "a", fan_out = "$.xs", input = { x = "$" } }]
+    """
+    assert parse_pipelines(text) == {"p": [{"model": "a"}, {"model": "a", "fan_out": "$.xs", "input": {"x": "$"}}]}
+    assert set(parse_model_configs(text)) == {"a"}
+    for bad, message in [
+        ('[pipelines.p]\nsteps = []', "non-empty list"),
+        ('[pipelines.p]\nsteps = [{ modle = "a" }]', "unknown: modle"),
+        ('[pipelines.p]\nstages = [{ model = "a" }]', "exactly one key"),
+        ('[pipelines."bad name"]\nsteps = [{ model = "a" }]', "must match"),
+        ('[pipeline.p]\nsteps = [{ model = "a" }]', "unknown top-level key(s) pipeline"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_pipelines(bad)
 
 
 def test_parse_defaults_and_overrides() -> None:
