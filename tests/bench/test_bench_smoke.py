@@ -22,6 +22,7 @@ SMOKE = {
     "wakeup": ["--samples", "10"],
     "batching": ["--models", "echo,torch-mlp", "--seconds", "0.5", "--echo-requests", "2000", "--repeat", "1"],
     "peers": ["--quick"],
+    "pipeline_overhead": ["--runs", "5", "--loaded-runs", "30", "--fan-out", "20"],
 }
 
 

