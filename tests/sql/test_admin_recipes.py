@@ -73,3 +73,31 @@ async def test_purge_and_reconcile_and_maintenance_recipes(queue: Queue, db: psy
     assert run_psql("sql/admin/reconcile_capacity.sql") == "m|0|2"
     assert in_flight(db, "m") == 2
     assert run_psql("sql/admin/run_maintenance.sql") == "t|0|0|0|0"
+
+
+async def test_pipeline_recipes_declare_show_and_cancel(queue: Queue, db: psycopg.Connection, run_psql) -> None:
+    await queue.upsert_model("split", capacity=1)
+    await queue.upsert_model("embed", capacity=2)
+    steps = '[{"model": "split"}, {"model": "embed", "fan_out": "$.chunks"}]'
+    assert run_psql("sql/admin/upsert_pipeline.sql", name="docs", steps=steps).startswith("docs|2|")
+    with pytest.raises(AssertionError, match=r"steps\[0\]\.fan_out"):
+        run_psql("sql/admin/upsert_pipeline.sql", name="bad", steps='[{"model": "split", "fan_out": "nope"}]')
+    [run] = await queue.submit_pipeline("docs", [{"model_input": 1}])
+    worker = await new_worker(queue, ["split", "embed"])
+    [claimed] = await queue.claim("split", worker, 1, 30)
+    await queue.finish(worker, [Outcome(claimed.id, claimed.attempt, output={"chunks": ["a", "b", "c"]})])
+    await queue.claim("embed", worker, 10, 30)  # two of the three items run (capacity 2)
+    rows = [line.split("|") for line in run_psql("sql/admin/pipeline_status.sql", request_id=run.request_id).splitlines()]
+    assert [r[:10] for r in rows] == [["0", "split", "f", "1", "0", "0", "1", "0", "0", "0"],
+                                      ["1", "embed", "t", "3", "1", "2", "0", "0", "0", "0"]]
+    # cancel from psql: the queued item ends CANCELED at once, and with it the run; the running items are told to stop
+    assert run_psql("sql/admin/cancel_request.sql", request_id=run.request_id) == "CANCELED|t|t"
+    assert db.execute("SELECT count(*) FROM asyncinfer.requests WHERE model = 'embed' AND cancel_requested"
+                      ).fetchone() == (2,)
+    held = [(r[0], r[1]) for r in db.execute(
+        "SELECT id, attempt FROM asyncinfer.requests WHERE model = 'embed' AND state = 'IN_PROGRESS'").fetchall()]
+    await queue.finish(worker, [Outcome(i, a, canceled=True) for i, a in held])
+    assert db.execute("SELECT state::text FROM asyncinfer.requests WHERE public_id = %s",
+                      (run.request_id,)).fetchone() == ("CANCELED",)
+    assert states(db) == {"SUCCEEDED": 1, "CANCELED": 4}  # the run, split, and the three items
+    assert in_flight(db, "embed") == 0
