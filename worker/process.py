@@ -77,6 +77,10 @@ def _in_daemon_thread(fn: Callable[[], Any]) -> asyncio.Future[Any]:
     return future
 
 
+# How soon an outcome whose row another session held is tried again.
+LOCKED_RETRY_SECONDS = 0.25
+
+
 class WorkerProcess:
     def __init__(self, queue: Queue, settings: Settings, database_url: str, configs: list[ModelConfig],
                  concurrency: int | None = None, pipelines: dict[str, list[dict[str, Any]]] | None = None) -> None:
@@ -201,11 +205,21 @@ class WorkerProcess:
             outcomes = [self._json_safe(o) for o in outcomes]
             finished = await self.queue.finish(self.worker_id, outcomes)
         held = self.held
+        locked: set[int] = set()
         for f in finished:
-            if f.state == "QUEUED":  # a retry: with no backoff it is runnable now, and no NOTIFY says so
+            if f.state is None:  # another session holds the row: keep the outcome, try again shortly
+                locked.add(f.id)
+            elif f.state == "QUEUED":  # a retry: with no backoff it is runnable now, and no NOTIFY says so
                 job = held.get(f.id)
                 if job is not None:
                     job.runner.wake.set()
+        if locked:
+            retry = [o for o in outcomes if o.id in locked]
+            outcomes = [o for o in outcomes if o.id not in locked]
+            finished = [f for f in finished if f.state is not None]
+            log.info("%d outcomes wait for rows another session holds; retrying", len(retry),
+                     extra={"worker_id": self.worker_id})
+            asyncio.get_running_loop().call_later(LOCKED_RETRY_SECONDS, self._retry_outcomes, retry)
         if len(finished) == len(outcomes):
             for o in outcomes:
                 job = held.get(o.id)
@@ -220,6 +234,10 @@ class WorkerProcess:
                 if o.id not in accepted:
                     log.warning("outcome refused: the lease was lost (reaped, requeued or re-claimed)",
                                 extra=self.log_extra(job))
+
+    def _retry_outcomes(self, outcomes: list[Outcome]) -> None:
+        self.pending.extend(outcomes)
+        self.flush_signal.set()
 
     def _json_safe(self, outcome: Outcome) -> Outcome:
         """An output that JSON cannot carry fails that request alone (not retried)."""

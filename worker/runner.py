@@ -38,6 +38,7 @@ import random
 import traceback
 from typing import TYPE_CHECKING, Any
 
+from app.db.pool import UndecodableJson
 from app.queue.operations import ClaimedRequest, Outcome
 from worker import capture
 from worker.loader import LoadedModel
@@ -147,6 +148,12 @@ class ModelRunner:
         for req in claimed:
             job = Job(req, self)
             held[req.id] = job
+            if isinstance(req.model_input, UndecodableJson):
+                # stored, but not a value Python can hold: this request fails, its batch-mates run
+                proc.report(job, Outcome(req.id, req.attempt, retryable=False, error={
+                    "type": "invalid_input", "message": f"model_input: {req.model_input.error} "
+                    "(numbers must fit a double; integers at most 4300 digits)"}))
+                continue
             jobs.append(job)
         return jobs
 

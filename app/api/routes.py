@@ -41,6 +41,7 @@ from app.api.schemas import (
 from app.api.state import ApiState
 from app.api.validation import (
     check_item,
+    check_numbers,
     check_json_content_type,
     decode,
     decode_any_json,
@@ -195,6 +196,7 @@ async def async_predict_batch(request: Request[Any, Any, Any], model: str) -> AS
         raise invalid("requests", f"must hold at most {limit} requests (got {len(items)})")
     max_meta = api.settings.max_metadata_bytes
     for index, item in enumerate(items):
+        check_numbers(bytes(item.model_input), f"requests[{index}].model_input")
         if item.metadata is not msgspec.UNSET or item.webhook_endpoint is not None or item.output_url is not None \
                 or bytes(item.model_input) == b"null":
             await check_item(item, api.urls, max_meta, prefix=f"requests[{index}].")
@@ -472,6 +474,7 @@ async def predict(request: Request[Any, Any, Any], model: str) -> ASGIApp:
     body = await _json_body(request)
     _model(model)
     model_input = decode_any_json(body)
+    check_numbers(bytes(model_input), "body")
     if not api.hub.running:
         raise ApiError(503, "real-time calls are unavailable until the listen connection is up",
                        headers={"Retry-After": str(s.retry_after_seconds)})

@@ -27,6 +27,10 @@ from app.delivery.targets import TargetRefused, check_url_shape, forbidden_reaso
 T = TypeVar("T")
 
 _NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+# A number Python cannot hold (beyond a double, or an integer of more than
+# 4300 digits) would reach PostgreSQL intact but fail the worker's decode.
+# Only bodies with a long digit run or a 3-digit exponent are decoded to check.
+_BIG_NUMBER = re.compile(rb"\d{300}|[eE][+-]?\d{3}")
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _QUOTED = re.compile(r"`([^`]*)`")
 
@@ -173,6 +177,7 @@ async def check_item(item: AsyncPredictBody, urls: UrlChecker, max_metadata_byte
     """The rules msgspec cannot express, for one async_predict body."""
     if item.model_input is None or bytes(item.model_input) == b"null":
         raise invalid(prefix + "model_input", "must not be null")
+    check_numbers(bytes(item.model_input), prefix + "model_input")
     metadata = item.metadata
     if metadata is not msgspec.UNSET:
         raw = bytes(metadata)
@@ -181,10 +186,21 @@ async def check_item(item: AsyncPredictBody, urls: UrlChecker, max_metadata_byte
                 raise invalid(prefix + "metadata", RULES["metadata"])
             if len(raw) > max_metadata_bytes:
                 raise invalid(prefix + "metadata", f"must be at most {max_metadata_bytes} bytes of JSON")
+            check_numbers(raw, prefix + "metadata")
     if item.webhook_endpoint is not None:
         await urls.webhook(item.webhook_endpoint, prefix + "webhook_endpoint")
     if item.output_url is not None:
         urls.storage(item.output_url, prefix + "output_url")
+
+
+def check_numbers(raw: bytes, field: str) -> None:
+    """Refuse a JSON value holding a number a worker could not decode."""
+    if _BIG_NUMBER.search(raw) is None:
+        return
+    try:
+        msgspec.json.decode(raw)
+    except msgspec.ValidationError:
+        raise invalid(field, "numbers must fit a double (about 1.8e308) and integers 4300 digits") from None
 
 
 def query_float(value: Any, field: str, low: float, high: float) -> float:

@@ -19,9 +19,32 @@ _last_used: weakref.WeakKeyDictionary[psycopg.AsyncConnection, float] = weakref.
 Check = Literal["always", "idle", "never"]
 
 
-async def _configure(conn: psycopg.AsyncConnection) -> None:
+class UndecodableJson:
+    """A jsonb value PostgreSQL stores but Python cannot hold: a number beyond
+    a double (1e5000) or an integer of more than 4300 digits. Returned in
+    place of the value instead of raising, so one such value in a result
+    (say, one input of a claimed batch) fails that request alone, not the
+    statement that fetched it and every row with it."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"UndecodableJson({self.error!r})"
+
+
+def decode_json(data: bytes | bytearray | memoryview | str) -> object:
     # msgspec decodes jsonb several times faster than the stdlib.
-    set_json_loads(msgspec.json.decode, conn)
+    try:
+        return msgspec.json.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as error:
+        return UndecodableJson(str(error))
+
+
+async def _configure(conn: psycopg.AsyncConnection) -> None:
+    set_json_loads(decode_json, conn)
 
 
 async def _check_if_idle(conn: psycopg.AsyncConnection) -> None:

@@ -74,8 +74,8 @@ class Outcome:
 @dataclass(frozen=True, slots=True)
 class Finished:
     id: int
-    public_id: UUID
-    state: str
+    public_id: UUID | None
+    state: str | None  # None: the row is locked by another session; not recorded yet, try again
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +252,8 @@ class Queue:
         self, worker_id: int, held: Iterable[tuple[int, int]], lease_seconds: float
     ) -> dict[int, bool]:
         """Renew all leases of a worker; returns {id: cancel_requested} for the
-        ones it still holds. An id missing from the answer is a lost lease."""
+        ones it still holds (a row another session has locked is reported as
+        held and renewed next time). An id missing from the answer is a lost lease."""
         ids: list[int] = []
         attempts: list[int] = []
         for request_id, attempt in held:
@@ -265,7 +266,9 @@ class Queue:
         return {r[0]: r[1] for r in rows}
 
     async def finish(self, worker_id: int, outcomes: Sequence[Outcome]) -> list[Finished]:
-        """Record many outcomes in one statement. Only accepted ones come back."""
+        """Record many outcomes in one statement. Accepted ones come back with
+        their new state; ones skipped because another session holds the row
+        come back with state None (retry them); refused ones do not come back."""
         if not outcomes:
             return []
         rows = await self._fetch(

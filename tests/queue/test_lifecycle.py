@@ -271,3 +271,28 @@ async def test_retry_runnable_now_wakes_other_workers(queue: Queue, database_url
         await queue.finish(worker, [Outcome(req.id, req.attempt, error="flaky")])
         notes = [n.payload async for n in listener.notifies(timeout=0.3)]
     assert notes == ["submit:m:1"]
+
+
+async def test_a_row_locked_by_another_session_is_skipped_not_waited_for(
+    queue: Queue, db: psycopg.Connection, database_url: str
+) -> None:
+    await queue.upsert_model("m", capacity=3)
+    await queue.submit("m", [{"model_input": i} for i in range(3)])
+    worker = await new_worker(queue, ["m"])
+    claimed = await queue.claim("m", worker, 3, 30)
+    locked = claimed[0]
+    with psycopg.connect(database_url) as admin:  # an admin's open transaction holding one running row
+        admin.execute("SELECT 1 FROM asyncinfer.requests WHERE id = %s FOR UPDATE", (locked.id,))
+        renewed = await asyncio.wait_for(
+            queue.renew_leases(worker, [(c.id, c.attempt) for c in claimed], 30), timeout=5)
+        assert renewed == {c.id: False for c in claimed}  # the locked one is still ours, not lost
+        finished = await asyncio.wait_for(
+            queue.finish(worker, [Outcome(c.id, c.attempt, output=c.model_input) for c in claimed]), timeout=5)
+        assert {(f.id, f.state) for f in finished} == {
+            (locked.id, None), (claimed[1].id, "SUCCEEDED"), (claimed[2].id, "SUCCEEDED")}
+        admin.rollback()
+    [again] = await queue.finish(worker, [Outcome(locked.id, locked.attempt, output=0)])
+    assert again.state == "SUCCEEDED"
+    assert states(db) == {"SUCCEEDED": 3} and in_flight(db, "m") == 0
+    # a refused outcome (not this worker's any more) is still simply absent
+    assert await queue.finish(worker, [Outcome(locked.id, locked.attempt, output=0)]) == []

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -263,35 +264,56 @@ def test_header_abuse_never_gets_a_5xx(target: tuple[ApiServer, str, str], figur
     figures.update(header_cases=seen)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an integer JSON literal over 4300 digits (or e.g. 1e5000) is accepted "
-                                       "(201), but the worker's msgspec jsonb decode of the claim fails after the "
-                                       "claim committed: the whole claimed batch is orphaned until its leases run "
-                                       "out, and innocent batch-mates end FAILED (lease_lost)")
-def test_huge_integer_input_is_refused_or_fails_alone(database_url: str, procs: Procs,
-                                                     api_factory: Callable[..., ApiServer]) -> None:
+def test_huge_numbers_are_refused_at_the_door_and_fail_alone_past_it(
+        database_url: str, procs: Procs, api_factory: Callable[..., ApiServer]) -> None:
+    """A number PostgreSQL stores but Python cannot hold (an integer of 5000
+    digits, 1e5000): the API refuses it (400 naming the field); one that gets
+    in another way (SQL, psql) fails its own request and no batch-mate."""
     api = api_factory(database_url)
     with api.client(api.admin_key) as admin:
         assert admin.put("/v1/models/echo", json={"capacity": 8}).status_code == 201
     once = {"max_attempts": 1}
-    poison = b'{"model_input": ' + b"9" * 5000 + b', "inference_retry_config": {"max_attempts": 1}}'
     with api.client(api.admin_key) as client:
-        refused = client.post("/v1/models/echo/async_predict", content=poison, headers=JSON_HEADERS)
-        innocents = client.post("/v1/models/echo/async_predict_batch", json={
-            "requests": [{"model_input": i, "inference_retry_config": once} for i in range(7)]})
-        assert innocents.status_code == 201
-    if refused.status_code == 400:
-        return  # refused at the door: fixed that way
-    assert refused.status_code == 201
-    worker = procs.worker('[models.echo]\nclass = "worker.models.echo:Echo"\ncapacity = 8\nmax_batch_size = 1\n',
+        for literal, field in ((b"9" * 5000, "model_input"), (b"1e5000", "model_input"),
+                               (b'{"a": [-1E400]}', "model_input")):
+            refused = client.post("/v1/models/echo/async_predict", headers=JSON_HEADERS,
+                                  content=b'{"model_input": ' + literal + b"}")
+            assert_error(refused, 400, field)
+        refused = client.post(
+            "/v1/models/echo/async_predict_batch", headers=JSON_HEADERS,
+            content=b'{"requests": [{"model_input": 1}, {"model_input": 1e999}]}')
+        assert_error(refused, 400, "requests[1].model_input")
+        assert_error(client.post("/v1/models/echo/async_predict", headers=JSON_HEADERS,
+                                 content=b'{"model_input": 1, "metadata": {"n": ' + b"7" * 4400 + b"}}"),
+                     400, "metadata")
+        assert_error(client.post("/v1/models/echo/predict", headers=JSON_HEADERS, content=b"[1e5000]"), 400, "body")
+        # big but representable numbers pass
+        fine = client.post("/v1/models/echo/async_predict", headers=JSON_HEADERS,
+                           content=b'{"model_input": [1e300, ' + b"9" * 400 + b"]}")
+        assert fine.status_code == 201, fine.text
+    # Past the API (an admin's SQL): the poison sits between innocent batch-mates.
+    items = [{"model_input": i, "inference_retry_config": once} for i in range(4)]
+    with psycopg.connect(database_url, autocommit=True) as db:
+        ids = [r[0] for r in db.execute("SELECT request_id::text FROM asyncinfer.submit_requests('echo', %s::jsonb)",
+                                        (json.dumps(items[:2]),))]
+        [poison] = [r[0] for r in db.execute(
+            "SELECT request_id::text FROM asyncinfer.submit_requests('echo', ('{\"model_input\": ' || repeat('9', 5000)"
+            " || ', \"inference_retry_config\": {\"max_attempts\": 1}}')::jsonb)")]
+        ids += [r[0] for r in db.execute("SELECT request_id::text FROM asyncinfer.submit_requests('echo', %s::jsonb)",
+                                         (json.dumps(items[2:]),))]
+    worker = procs.worker('[models.echo]\nclass = "worker.models.echo:Echo"\ncapacity = 8\nmax_batch_size = 8\n',
                           ["echo"])
     wait_workers_healthy(database_url, [worker])
-    ids = innocents.json()["request_ids"]
     deadline = time.monotonic() + 20
     with psycopg.connect(database_url, autocommit=True) as db:
         while True:
             states = dict(db.execute("SELECT public_id::text, state::text FROM asyncinfer.requests"
-                                     " WHERE public_id = ANY(%s::uuid[])", (ids,)).fetchall())
+                                     " WHERE public_id = ANY(%s::uuid[])", (ids + [poison],)).fetchall())
             if all(s in ("SUCCEEDED", "FAILED") for s in states.values()) or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
+        error = db.execute("SELECT o.error FROM asyncinfer.request_outputs o JOIN asyncinfer.requests r"
+                           " ON r.id = o.request_id WHERE r.public_id = %s", (poison,)).fetchone()[0]
+    assert states.pop(poison) == "FAILED"
+    assert error["type"] == "invalid_input" and "model_input" in error["message"]
     assert set(states.values()) == {"SUCCEEDED"}, states
