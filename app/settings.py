@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     max_batch_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Body limit of a bulk submit.")
     max_metadata_bytes: int = Field(default=16 * 1024, ge=2, description="Largest `metadata` object, as JSON.")
     db_timeout_seconds: float = Field(default=5.0, gt=0, description="Wait for a DB connection, then answer 503.")
+    db_lock_timeout_ms: int = Field(
+        default=500, ge=1, description="API statements wait at most this on a row lock (then 503 Retry-After)."
+    )
+    db_statement_timeout_ms: int = Field(
+        default=30_000, ge=1, description="API statements run at most this long (then 503 Retry-After)."
+    )
     retry_after_seconds: int = Field(default=2, ge=1, description="Retry-After sent with 429 and 503 answers.")
     predict_timeout_seconds: float = Field(default=60.0, gt=0, description="Real-time predict: default wait.")
     predict_max_timeout_seconds: float = Field(default=600.0, gt=0, description="Largest ?timeout_seconds= allowed.")

@@ -101,6 +101,13 @@ def from_exception(exc: Exception, retry_after: int) -> ApiError:
     if isinstance(exc, qerr.InvalidParameter):
         field, rule = _split_message(str(exc))
         return ApiError(400, str(exc), [(field, rule)])
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        # lock_timeout: another session (an admin's open transaction, say) holds the row
+        return ApiError(503, "busy: another session holds what this call changes; retry later",
+                        headers={"Retry-After": str(retry_after)})
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return ApiError(503, "the database did not answer in time (statement_timeout); retry later",
+                        headers={"Retry-After": str(retry_after)})
     if isinstance(exc, (PoolTimeout, psycopg.OperationalError, psycopg.InterfaceError)):
         log.warning("database unavailable: %s", exc)
         return ApiError(503, "database unavailable; retry later", headers={"Retry-After": str(retry_after)})

@@ -64,7 +64,8 @@ class ApiState:
         s = self.settings
         # Not waiting: an API whose database is down starts and answers 503.
         pool = await open_pool(self.database_url, min_size=min(2, s.db_pool_size), max_size=s.db_pool_size,
-                               name="asyncinfer-api", check="idle", timeout=s.db_timeout_seconds, wait=False)
+                               name="asyncinfer-api", check="idle", timeout=s.db_timeout_seconds, wait=False,
+                               lock_timeout_ms=s.db_lock_timeout_ms, statement_timeout_ms=s.db_statement_timeout_ms)
         self.pool = pool
         self.queue = Queue(pool)
         self.reads = Reads(pool)

@@ -66,6 +66,8 @@ async def open_pool(
     check: Check = "always",
     timeout: float = 30.0,
     wait: bool = True,
+    lock_timeout_ms: int | None = None,
+    statement_timeout_ms: int | None = None,
 ) -> AsyncConnectionPool:
     """An open pool whose connections run each statement as its own transaction.
 
@@ -76,15 +78,20 @@ async def open_pool(
     a failed call, and the pool drops a broken connection on return).
     `timeout` bounds the wait for a connection; wait=False opens without
     waiting for the first connections (a service that starts while the
-    database is down).
+    database is down). `lock_timeout_ms` / `statement_timeout_ms` bound how
+    long one statement may wait on a lock / run (the API: a session holding
+    a row must not pin every connection of the pool).
     """
     checks = {"always": AsyncConnectionPool.check_connection, "idle": _check_if_idle, "never": None}
+    options = " ".join(f"-c {setting}={value}" for setting, value in (
+        ("lock_timeout", lock_timeout_ms), ("statement_timeout", statement_timeout_ms)) if value is not None)
     pool = AsyncConnectionPool(
         database_url,
         min_size=min_size,
         max_size=max_size,
         name=name,
-        kwargs={"autocommit": True, "application_name": name, "connect_timeout": 5},
+        kwargs={"autocommit": True, "application_name": name, "connect_timeout": 5,
+                **({"options": options} if options else {})},
         configure=_configure,
         check=checks[check],
         reset=_mark_used if check == "idle" else None,
