@@ -15,6 +15,7 @@ from app.api.errors import exception_handler
 from app.api.openapi import document_operations
 from app.api.routes import ROUTES
 from app.api.state import ApiState
+from app.api.supervision import watch_parent
 from app.dashboard import DASHBOARD_ROUTES
 from app.logs import configure_logging
 from app.settings import Settings
@@ -27,6 +28,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     if not settings.database_url:
         raise RuntimeError("DATABASE_URL is not set: run the API with `asyncinfer serve`, which sets it")
     configure_logging(settings)
+    watch_parent()
     from app.db.migrate import head_revision
 
     api = ApiState(settings, settings.database_url, head_revision())

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 
+from app.api.supervision import SERVE_PID_VARIABLE
 from app.db.migrate import migrate
 from app.db.url import resolve_database_url
 from app.logs import configure_logging
@@ -33,6 +34,7 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     try:
         migrate(url)
         os.environ["DATABASE_URL"] = url  # granian's worker processes read their settings from here
+        os.environ[SERVE_PID_VARIABLE] = str(os.getpid())  # ...and die with this process (app/api/supervision.py)
         from granian import Granian
 
         log.info("serving on http://%s:%s with %d worker process(es)", host, port, workers)

@@ -24,7 +24,7 @@ import msgspec
 from app.db.listener import Listener
 from app.delivery.signing import signed_headers
 from app.delivery.storage import ObjectWriter, object_url
-from app.delivery.targets import TargetRefused, check_target
+from app.delivery.targets import TargetRefused, check_target, guarded_transport
 from app.queue.operations import DeliveryResult, DueDelivery, Queue
 from app.settings import Settings
 
@@ -64,7 +64,8 @@ class Dispatcher:
                 timeout=httpx.Timeout(settings.webhook_timeout_seconds,
                                       connect=settings.webhook_connect_timeout_seconds),
                 follow_redirects=False,
-                limits=httpx.Limits(max_connections=CONNECTIONS_PER_CLIENT),
+                transport=guarded_transport(settings.allow_private_webhooks,
+                                            limits=httpx.Limits(max_connections=CONNECTIONS_PER_CLIENT)),
                 headers={"user-agent": "asyncinfer-webhooks/1"},
             )
             for _ in range(max(1, -(-settings.dispatcher_concurrency // CONNECTIONS_PER_CLIENT)))

@@ -1,7 +1,8 @@
 """Where a URL may send us: refuse private, loopback and link-local targets.
 
-Checked twice: when a request names a webhook (a clear 4xx) and again right
-before each delivery, because DNS can change in between.
+Checked when a request names a webhook (a clear 4xx), again right before
+each delivery, and at the connect itself (GuardedNetworkBackend), on the very
+DNS answer the connection uses: DNS can change between any two lookups.
 """
 
 from __future__ import annotations
@@ -9,7 +10,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections.abc import Iterable
+from typing import Any
 from urllib.parse import urlsplit
+
+import httpcore
+import httpx
 
 
 class TargetRefused(ValueError):
@@ -65,3 +71,50 @@ async def check_target(url: str, allow_private: bool) -> None:
         reason = forbidden_reason(sockaddr[0])
         if reason:
             raise TargetRefused(f"host {host!r} resolves to {sockaddr[0]}, a {reason} address")
+
+
+class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
+    """The webhook client's network backend: the check and the connect use
+    the same DNS answer. It resolves the host itself, refuses the
+    connection when any address is not public, and connects to a checked
+    address, so DNS that answers public to the check and private to the
+    connect (rebinding) cannot reach a private address. TLS still verifies
+    and sends SNI for the URL's host name (httpcore takes it from the URL)."""
+
+    def __init__(self, allow_private: bool, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self.allow_private = allow_private
+        self.inner = inner or httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+        if self.allow_private:
+            return await self.inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+        except (socket.gaierror, TimeoutError) as error:
+            raise httpcore.ConnectError(f"host {host!r} does not resolve: {error}") from None
+        addresses = [sockaddr[0] for *_, sockaddr in infos]
+        for address in addresses:
+            reason = forbidden_reason(address)
+            if reason:
+                raise httpcore.ConnectError(f"refused: host {host!r} resolves to {address}, a {reason} address")
+        last: Exception | None = None
+        for address in dict.fromkeys(addresses):  # each checked address in turn, as a resolver-driven connect would
+            try:
+                return await self.inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError as error:
+                last = error
+        raise last or httpcore.ConnectError(f"host {host!r}: no address to connect to")
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+def guarded_transport(allow_private: bool, **transport_options: Any) -> httpx.AsyncHTTPTransport:
+    """An httpx transport whose connections go through GuardedNetworkBackend.
+    (httpx does not take a network backend; its pool is httpcore's, which does.)"""
+    transport = httpx.AsyncHTTPTransport(**transport_options)
+    transport._pool._network_backend = GuardedNetworkBackend(allow_private)  # noqa: SLF001 - see docstring
+    return transport

@@ -76,8 +76,6 @@ def test_api_sigkill_with_submits_in_flight(database_url: str, procs: Procs,
                    **capacity, **outcome)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a SIGKILLed `asyncinfer serve` orphans its granian worker, which "
-                                       "keeps serving the port unsupervised (app/api/server.py)")
 def test_api_main_sigkill_leaves_no_orphan_serving(database_url: str, api_factory: Callable[..., ApiServer],
                                                    figures: dict[str, Any]) -> None:
     """kill -9 of the `asyncinfer serve` pid (what an OOM killer or a

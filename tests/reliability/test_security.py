@@ -240,9 +240,6 @@ async def test_host_name_resolving_to_a_private_address_is_refused(monkeypatch: 
         receiver.down()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: app/delivery/dispatcher.py checks the target's addresses "
-                                       "(check_target) and then lets httpx resolve the name again to connect: "
-                                       "DNS that answers public, then private (rebinding) reaches the private one")
 async def test_dns_rebinding_between_check_and_call_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     receiver = Receiver()
     receiver.up()
@@ -257,6 +254,7 @@ async def test_dns_rebinding_between_check_and_call_is_refused(monkeypatch: pyte
         await asyncio.sleep(0.1)
         assert resolver.calls, "the custom resolver was not consulted"
         assert receiver.calls == 0, f"the webhook reached 127.0.0.1 ({result}; lookups {resolver.calls})"
+        assert not result.ok and "127.0.0.1" in (result.error or ""), result
     finally:
         receiver.down()
 
