@@ -831,3 +831,25 @@ LANGUAGE sql STABLE AS $$
      GROUP BY p.pipeline, p.current_step, d.ord, d.def
      ORDER BY d.ord
 $$;
+
+-- As in 0001, less pipeline runs: a run is IN_PROGRESS without a lease or a
+-- worker by design; it is stuck only when its current step is (and that
+-- step shows here itself).
+CREATE OR REPLACE VIEW asyncinfer.stuck_requests AS
+SELECT r.public_id                                    AS request_id,
+       r.model,
+       r.attempt,
+       r.lease_owner                                  AS worker_id,
+       w.name                                         AS worker_name,
+       w.hostname,
+       r.started_at,
+       r.lease_expires_at,
+       w.heartbeat_at,
+       r.cancel_requested,
+       CASE WHEN r.lease_expires_at < now() THEN 'lease expired'
+            ELSE 'worker heartbeat older than 60 s' END AS reason
+  FROM asyncinfer.requests r
+  LEFT JOIN asyncinfer.workers w ON w.id = r.lease_owner
+ WHERE r.state = 'IN_PROGRESS'
+   AND r.model NOT LIKE 'pipeline:%'
+   AND (r.lease_expires_at < now() OR w.heartbeat_at IS NULL OR w.heartbeat_at < now() - interval '60 seconds');

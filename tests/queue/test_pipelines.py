@@ -260,6 +260,7 @@ async def test_parent_rows_are_never_claimed_requeued_or_counted(
     await queue.run_maintenance()
     assert await queue.reconcile_capacity() == []
     assert parent(db, run.request_id)[0] == "IN_PROGRESS"
+    assert db.execute("SELECT count(*) FROM asyncinfer.stuck_requests").fetchone() == (0,)  # a run is not stuck
     with pytest.raises(psycopg.errors.CheckViolation):  # a parent never holds a lease
         db.execute("UPDATE asyncinfer.requests SET lease_owner = 1, lease_expires_at = now()"
                    " WHERE public_id = %s", (run.request_id,))
