@@ -20,6 +20,10 @@
 -- which finish_requests and the reaper take them; the trigger runs at the end
 -- of their statement). Canceling a run takes the parent row first and then
 -- touches its steps with SKIP LOCKED only, so it never waits for a step.
+-- Two finish statements that each end steps of the same two runs can still
+-- take the two parents in opposite orders; PostgreSQL then aborts one
+-- (deadlock detected) and that worker records its batch again (it retries
+-- any failed finish): a delay, never a loss.
 
 ------------------------------------------------------------------------------
 -- Tables

@@ -107,7 +107,7 @@ def test_bulk_submit_keeps_order_and_is_all_or_nothing(user: httpx.Client, model
                  "requests[1].webhook_endpoint")
     # the database refuses one item (a number jsonb cannot hold): none are stored
     huge = [{"model_input": 1}, {"model_input": 2}]
-    raw = httpx.Request("POST", "/", json={"requests": huge}).content.replace(b'"model_input":2', b'"model_input":1e999999')
+    raw = httpx.Request("POST", "/", json={"requests": huge}).content.replace(b'"model_input":2', b'"model_input":1e-999999')
     assert_error(user.post(f"/v1/models/{model}/async_predict_batch", content=raw,
                            headers={"content-type": "application/json"}), 400)
     after = api_db.execute("SELECT count(*) FROM asyncinfer.requests WHERE model = %s", (model,)).fetchone()[0]
@@ -167,10 +167,11 @@ async def test_concurrent_single_submits_share_one_insert(api: ApiServer, admin:
 async def test_one_bad_item_never_fails_the_others_in_its_insert(api: ApiServer, admin: httpx.Client, model: str,
                                                                  api_db) -> None:
     _, key = new_key(admin, "mixed")
-    # every 10th body holds a number PostgreSQL's jsonb refuses; it passes the
-    # API's checks, so only the database can refuse it, in a coalesced insert
+    # every 10th body holds a number PostgreSQL's jsonb refuses (an exponent
+    # below numeric's range; Python reads it as 0.0): it passes the API's
+    # checks, so only the database can refuse it, in a coalesced insert
     good = b'{"model_input": {"n": %d}}'
-    bad = b'{"model_input": 1e999999}'
+    bad = b'{"model_input": 1e-999999}'
     bodies = [bad if i % 10 == 0 else good % i for i in range(200)]
     async with api.async_client(key, limits=httpx.Limits(max_connections=50)) as client:
         responses = await asyncio.gather(*(
