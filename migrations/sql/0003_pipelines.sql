@@ -857,3 +857,65 @@ SELECT r.public_id                                    AS request_id,
  WHERE r.state = 'IN_PROGRESS'
    AND r.model NOT LIKE 'pipeline:%'
    AND (r.lease_expires_at < now() OR w.heartbeat_at IS NULL OR w.heartbeat_at < now() - interval '60 seconds');
+
+-- A run IN_PROGRESS whose current step has no unfinished request can only
+-- come from outside the queue's functions (a step row deleted, or ended by a
+-- raw UPDATE that did not change its state): nothing would ever move it, so
+-- the maintenance tick ends it FAILED, naming the step. Returns the runs.
+CREATE FUNCTION asyncinfer.reconcile_pipelines()
+RETURNS TABLE (request_id uuid, step smallint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_run record;
+BEGIN
+    FOR v_run IN
+        SELECT r.id, r.public_id, p.current_step, p.steps -> p.current_step ->> 'model' AS model
+          FROM asyncinfer.requests r
+          JOIN asyncinfer.pipeline_runs p ON p.request_id = r.id
+         WHERE r.state = 'IN_PROGRESS' AND r.model LIKE 'pipeline:%'
+           AND r.created_at < now() - interval '10 seconds'   -- never a run being submitted right now
+           AND NOT EXISTS (
+               SELECT 1 FROM asyncinfer.pipeline_steps s
+                 JOIN asyncinfer.requests sr ON sr.id = s.request_id
+                WHERE s.run_id = r.id AND s.step = p.current_step AND sr.finished_at IS NULL)
+         ORDER BY r.id
+           FOR NO KEY UPDATE OF r SKIP LOCKED
+    LOOP
+        -- re-checked under the lock: a finish may have moved it meanwhile
+        CONTINUE WHEN EXISTS (
+            SELECT 1 FROM asyncinfer.pipeline_steps s
+              JOIN asyncinfer.requests sr ON sr.id = s.request_id
+             WHERE s.run_id = v_run.id
+               AND s.step = (SELECT current_step FROM asyncinfer.pipeline_runs WHERE pipeline_runs.request_id = v_run.id)
+               AND sr.finished_at IS NULL)
+          OR (SELECT state FROM asyncinfer.requests WHERE id = v_run.id) <> 'IN_PROGRESS';
+        PERFORM asyncinfer.end_pipeline(v_run.id, 'FAILED', NULL, jsonb_build_object(
+            'type', 'pipeline_stalled', 'step', v_run.current_step, 'model', v_run.model,
+            'message', format('steps[%s] (%s) has no request left to run (changed outside the queue functions?)',
+                              v_run.current_step, v_run.model)));
+        RAISE WARNING 'asyncinfer: pipeline run % stalled at steps[%]; ended FAILED', v_run.public_id, v_run.current_step;
+        request_id := v_run.public_id;
+        step := v_run.current_step;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+-- As in 0001, plus asyncinfer.reconcile_pipelines (counted in `reconciled`).
+CREATE OR REPLACE FUNCTION asyncinfer.run_maintenance(
+    p_request_retention interval DEFAULT interval '7 days',
+    p_output_retention interval DEFAULT interval '7 days'
+) RETURNS TABLE (leader boolean, reaped bigint, expired bigint, reconciled bigint, pruned bigint)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(hashtext('asyncinfer.maintenance')) THEN
+        RETURN QUERY SELECT false, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT true,
+        (SELECT count(*) FROM asyncinfer.reap_expired_leases()),
+        asyncinfer.expire_queued(),
+        (SELECT count(*) FROM asyncinfer.reconcile_capacity()) + (SELECT count(*) FROM asyncinfer.reconcile_pipelines()),
+        (SELECT p.requests_deleted FROM asyncinfer.prune_finished(p_request_retention, p_output_retention) p);
+END
+$$;

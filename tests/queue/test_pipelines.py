@@ -312,3 +312,20 @@ async def test_retention_prunes_run_bookkeeping(queue: Queue, db: psycopg.Connec
     assert (await queue.prune_finished(7 * 86400, 7 * 86400))[0] == 2
     for table in ("requests", "pipeline_runs", "pipeline_steps"):
         assert db.execute(f"SELECT count(*) FROM asyncinfer.{table}").fetchone() == (0,)
+
+
+async def test_a_run_whose_step_vanished_is_ended_by_maintenance(
+    queue: Queue, db: psycopg.Connection, models: None
+) -> None:
+    await queue.upsert_pipeline("audio", STEPS)
+    stalled, healthy = await queue.submit_pipeline("audio", [{"model_input": 1}, {"model_input": 2}])
+    db.execute("UPDATE asyncinfer.requests SET created_at = now() - interval '1 minute',"
+               " expires_at = now() + interval '5 minutes' WHERE parent_id IS NULL")
+    # an admin deletes a step row by hand: nothing would ever move its run
+    db.execute("DELETE FROM asyncinfer.requests WHERE parent_id = asyncinfer.request_id_of(%s)", (stalled.request_id,))
+    result = await queue.run_maintenance()
+    assert result.reconciled == 1
+    state, _, _, error = parent(db, stalled.request_id)
+    assert state == "FAILED" and error["type"] == "pipeline_stalled" and error["step"] == 0
+    assert parent(db, healthy.request_id)[0] == "IN_PROGRESS"  # its step is still queued
+    assert (await queue.run_maintenance()).reconciled == 0
