@@ -49,6 +49,10 @@ DOCS: dict[tuple[str, str], Doc] = {
         201: ("the run started (step 0 queued)", s.SubmitResponse),
         200: ("idempotency_key matched an existing run", s.SubmitResponse),
         **{**_SUBMIT, 404: ("unknown pipeline, or a step names an unknown model", ERR)}}),
+    ("post", "/v1/pipelines/{name}/async_predict_batch"): (s.PipelineBatchBody, [], {
+        201: ("all runs started, ids in input order", s.BatchResponse),
+        200: ("every idempotency_key matched an existing run", s.BatchResponse),
+        **{**_SUBMIT, 404: ("unknown pipeline, or a step names an unknown model", ERR)}}),
     ("get", "/v1/pipelines"): (None, [], {200: ("declared pipelines", s.PipelinesResponse), **_AUTH, **_DB}),
     ("get", "/v1/pipelines/{name}"): (None, [], {
         200: ("the pipeline", s.PipelineResponse), 404: ("unknown pipeline", ERR), **_AUTH, **_DB}),

@@ -114,6 +114,14 @@ class PipelinePredictBody(AsyncPredictBody, forbid_unknown_fields=True, omit_def
     steps: Steps | msgspec.UnsetType = msgspec.UNSET
 
 
+class PipelineBatchBody(Struct, forbid_unknown_fields=True):
+    """Up to ASYNCINFER_MAX_BATCH_ITEMS runs of one pipeline, accepted all together or not at all;
+    `steps` gives the pipeline inline for all of them."""
+
+    requests: list[AsyncPredictBody]
+    steps: Steps | msgspec.UnsetType = msgspec.UNSET
+
+
 class RealtimeItem(Struct, omit_defaults=True):
     """What a real-time predict submits (priority -1 is reserved for it)."""
 

@@ -114,3 +114,23 @@ async def test_inline_pipeline_and_cancel(admin: httpx.Client, user: httpx.Clien
     status = user.get(f"/v1/async_request/{run}").json()
     assert status["status"] == "CANCELED"
     assert status["pipeline"]["steps"][0]["requests_by_status"] == {"CANCELED": 3}
+
+
+def test_batch_of_runs_all_or_none(admin: httpx.Client, user: httpx.Client, api_db) -> None:
+    model = new_model(admin, capacity=1)
+    name = new_pipeline(admin, [{"model": model}])
+    answer = user.post(f"/v1/pipelines/{name}/async_predict_batch",
+                       json={"requests": [{"model_input": i, "priority": 2} for i in range(50)]})
+    assert answer.status_code == 201, answer.text
+    ids = answer.json()["request_ids"]
+    assert len(set(ids)) == 50
+    assert api_db.execute("SELECT count(*) FROM asyncinfer.requests WHERE model = %s AND state = 'QUEUED'",
+                          (model,)).fetchone() == (50,)  # step 0 of each run, queued
+    # one bad item: none of the batch is accepted
+    bad = {"requests": [{"model_input": 1}, {"model_input": 2, "priority": 9}]}
+    assert_error(user.post(f"/v1/pipelines/{name}/async_predict_batch", json=bad), 400, "requests[1].priority")
+    assert_error(user.post(f"/v1/pipelines/{name}/async_predict_batch", json={"requests": []}), 400, "requests")
+    inline = user.post("/v1/pipelines/adhoc/async_predict_batch",
+                       json={"requests": [{"model_input": 1}], "steps": [{"model": model}]})
+    assert inline.status_code == 201, inline.text
+    assert api_db.execute("SELECT count(*) FROM asyncinfer.requests WHERE model = %s", (model,)).fetchone() == (51,)
