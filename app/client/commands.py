@@ -58,7 +58,7 @@ async def _submit(client: Client, args: argparse.Namespace, console: Console) ->
         task = progress.add_task("submitted", total=len(bodies))
         for start in range(0, len(bodies), args.batch_size):
             chunk = bodies[start:start + args.batch_size]
-            ids += await client.submit_batch(args.model, chunk)
+            ids += await client.submit_batch(args.model, chunk, pipeline=args.pipeline)
             progress.update(task, advance=len(chunk))
         if not args.wait:
             progress.stop()
@@ -178,7 +178,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         return p
 
     p = connection(commands.add_parser("submit", help="submit requests from a JSONL file, with a progress bar"))
-    p.add_argument("model")
+    p.add_argument("model", help="the model (or, with --pipeline, the pipeline) to submit to")
+    p.add_argument("--pipeline", action="store_true", help="MODEL names a pipeline: start one run per line")
     p.add_argument("--input-file", required=True, help="one request per line (see README)")
     p.add_argument("--batch-size", type=int, default=1000, help="requests per bulk call")
     p.add_argument("--priority", type=int, choices=[0, 1, 2])

@@ -49,8 +49,10 @@ class Client:
             raise ApiError(response.status_code, _detail(response))
         return response.json()
 
-    async def submit_batch(self, model: str, bodies: list[dict[str, Any]]) -> list[str]:
-        answer = await self.call("POST", f"/v1/models/{model}/async_predict_batch", {"requests": bodies})
+    async def submit_batch(self, model: str, bodies: list[dict[str, Any]], pipeline: bool = False) -> list[str]:
+        """Bulk submit to a model, or (pipeline=True) start runs of the pipeline so named."""
+        kind = "pipelines" if pipeline else "models"
+        answer = await self.call("POST", f"/v1/{kind}/{model}/async_predict_batch", {"requests": bodies})
         return answer["request_ids"]
 
     async def status(self, request_id: str) -> dict[str, Any]:

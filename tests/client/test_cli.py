@@ -18,6 +18,9 @@ MODELS = """
 [models.echo]
 class = "worker.models.echo:EchoModel"
 capacity = 4
+
+[pipelines.echo-twice]
+steps = [{ model = "echo" }, { model = "echo", input = { again = "$" } }]
 """
 
 
@@ -94,3 +97,14 @@ def test_queue_models_cancel_and_errors(stack: ApiServer, tmp_path: Path) -> Non
     assert bad.returncode == 1 and bad.stderr.startswith("error: HTTP 4")
     wrong_key = cli(stack, "queue", "echo", key="nope-" + "x" * 20)
     assert wrong_key.returncode == 1 and "401" in wrong_key.stderr
+
+
+def test_submit_runs_of_a_pipeline(stack: ApiServer, tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(20)))
+    out = tmp_path / "outputs.jsonl"
+    done = cli(stack, "submit", "echo-twice", "--pipeline", "--input-file", str(inputs), "--wait",
+               "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["output"] for r in results] == [{"again": {"n": i}} for i in range(20)]
