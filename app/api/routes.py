@@ -112,6 +112,13 @@ def _model(model: str) -> str:
     return model
 
 
+def _new_name(value: str, field: str) -> str:
+    """A name a client creates (a model, a pipeline): 400 naming the field when it breaks the rule."""
+    if not MODEL_NAME.fullmatch(value):
+        raise invalid(field, "must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+    return value
+
+
 def _request_id(value: str) -> str:
     try:
         return str(UUID(value))
@@ -401,8 +408,7 @@ async def pipeline_async_predict(request: Request[Any, Any, Any], name: str) -> 
     principal = await _principal(request, api)
     _rate_limit(principal)
     body = await _json_body(request)
-    if not MODEL_NAME.fullmatch(name):
-        raise invalid("name", "must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+    _new_name(name, "name")
     item = decode(body, PipelinePredictBody)
     await check_item(item, api.urls, api.settings.max_metadata_bytes)
     inline = None if item.steps is msgspec.UNSET else _encode(item.steps).decode()
@@ -419,8 +425,7 @@ async def pipeline_async_predict_batch(request: Request[Any, Any, Any], name: st
     principal = await _principal(request, api)
     _rate_limit(principal)
     body = await _json_body(request, api.settings.max_batch_body_bytes)
-    if not MODEL_NAME.fullmatch(name):
-        raise invalid("name", "must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+    _new_name(name, "name")
     batch = decode(body, PipelineBatchBody)
     await _check_batch(api, batch.requests)
     inline = None if batch.steps is msgspec.UNSET else _encode(batch.steps).decode()
@@ -460,8 +465,7 @@ async def put_pipeline(request: Request[Any, Any, Any], name: str) -> ASGIApp:
     api = _api(request)
     await _principal(request, api, admin=True)
     body = await _json_body(request)
-    if not MODEL_NAME.fullmatch(name):
-        raise invalid("name", "must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+    _new_name(name, "name")
     declaration = decode(body, PipelineBody)
     existed = bool(await api.reads.pipelines(name))
     row = await api.queue.upsert_pipeline(name, _encode(declaration.steps).decode())
@@ -595,8 +599,7 @@ async def put_model(request: Request[Any, Any, Any], model: str) -> ASGIApp:
     api = _api(request)
     await _principal(request, api, admin=True)
     body = await _json_body(request)
-    if not MODEL_NAME.fullmatch(model):
-        raise invalid("model", "must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+    _new_name(model, "model")
     update = decode(body, ModelUpdateBody)
     changes: dict[str, Any] = {}
     if update.capacity is not msgspec.UNSET:
