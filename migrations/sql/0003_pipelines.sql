@@ -488,26 +488,29 @@ BEGIN
 END
 $$;
 
+-- No EXCEPTION block here, on purpose: each would open a subtransaction per
+-- finished step, and a batch ending more than 64 steps would overflow the
+-- backend's subtransaction cache, which slows every other session's
+-- snapshots. Advancing cannot raise on data instead: steps are checked by
+-- CHECK constraints (below, and on pipelines), options by the parent row's
+-- own constraints at submit, JSON paths run with silent => true, and a
+-- missing model fails the run. What can still raise (a deadlock, a lock or
+-- statement timeout) is the caller's to retry, as for any finish.
 CREATE FUNCTION asyncinfer.pipeline_step_ended()
 RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    BEGIN
-        PERFORM asyncinfer.advance_pipeline(NEW.parent_id, NEW.id, NEW.state);
-    EXCEPTION WHEN OTHERS THEN
-        -- Lock conflicts, deadlocks, cancels and resource errors are the
-        -- caller's to retry (a worker retries its finish). Anything else is
-        -- one run's problem (bad data, a bug): that run fails, naming the
-        -- error, and the statement that ended the step (a whole batch) stands.
-        IF left(SQLSTATE, 2) IN ('40', '53', '54', '55', '57', '58', 'XX') THEN
-            RAISE;
-        END IF;
-        PERFORM asyncinfer.end_pipeline(NEW.parent_id, 'FAILED', NULL, jsonb_build_object(
-            'type', 'pipeline_error', 'message', SQLERRM, 'sqlstate', SQLSTATE));
-    END;
+    PERFORM asyncinfer.advance_pipeline(NEW.parent_id, NEW.id, NEW.state);
     RETURN NULL;
 END
 $$;
+
+-- Steps stored anywhere are valid steps, whoever writes them (an admin's
+-- raw UPDATE included): advancing relies on it.
+ALTER TABLE asyncinfer.pipelines
+    ADD CONSTRAINT pipelines_steps_valid CHECK (asyncinfer.check_pipeline_steps(steps) IS NOT NULL);
+ALTER TABLE asyncinfer.pipeline_runs
+    ADD CONSTRAINT pipeline_runs_steps_valid CHECK (asyncinfer.check_pipeline_steps(steps) IS NOT NULL);
 
 -- Fires only for step requests reaching a terminal state: for every other
 -- request the WHEN clause is false and nothing runs.

@@ -329,3 +329,13 @@ async def test_a_run_whose_step_vanished_is_ended_by_maintenance(
     assert state == "FAILED" and error["type"] == "pipeline_stalled" and error["step"] == 0
     assert parent(db, healthy.request_id)[0] == "IN_PROGRESS"  # its step is still queued
     assert (await queue.run_maintenance()).reconciled == 0
+
+
+async def test_stored_steps_stay_valid_whoever_writes_them(queue: Queue, db: psycopg.Connection, models: None) -> None:
+    """Advancing relies on valid steps: a raw UPDATE at psql cannot store bad ones."""
+    await queue.upsert_pipeline("audio", STEPS)
+    await queue.submit_pipeline("audio", [{"model_input": 1}])
+    for table, where in (("pipelines", "name = 'audio'"), ("pipeline_runs", "true")):
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match=r"steps\[0\]\.fan_out"):
+            db.execute(f"UPDATE asyncinfer.{table} SET steps = '[{{\"model\": \"embed\", \"fan_out\": \"$[\"}}]'"
+                       f" WHERE {where}")
