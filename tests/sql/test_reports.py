@@ -117,3 +117,28 @@ def test_webhook_health(db, base, run_psql) -> None:
     [row] = parse(run_psql("sql/reports/webhook_health.sql"))
     assert row[:8] == ["a", "webhook", "4", "2", "1", "1", "0.6667", "4.00"]
     assert 595 <= float(row[8]) <= 660
+
+
+async def test_pipeline_runs_report(queue, db, run_psql) -> None:
+    from app.queue.operations import Outcome
+    from tests.queue.helpers import new_worker
+
+    await queue.upsert_model("split", capacity=100)
+    await queue.upsert_model("embed", capacity=100)
+    await queue.upsert_pipeline("docs", [{"model": "split"}, {"model": "embed", "fan_out": "$"}])
+    runs = await queue.submit_pipeline("docs", [{"model_input": 1}, {"model_input": 2}, {"model_input": 3}])
+    worker = await new_worker(queue, ["split", "embed"])
+    claimed = await queue.claim("split", worker, 10, 30)
+    await queue.finish(worker, [Outcome(c.id, c.attempt, output=[c.model_input, c.model_input]) for c in claimed[:2]]
+                       + [Outcome(claimed[2].id, claimed[2].attempt, error={"message": "no"}, retryable=False)])
+    items = await queue.claim("embed", worker, 10, 30)
+    await queue.finish(worker, [Outcome(c.id, c.attempt, output=c.model_input) for c in items])
+    assert {r[0] for r in db.execute("SELECT state::text FROM asyncinfer.requests WHERE public_id = ANY(%s)",
+                                     ([r.request_id for r in runs],))} == {"SUCCEEDED", "FAILED"}
+    [row] = parse(run_psql("sql/reports/pipeline_runs.sql"))
+    pipeline, total, succeeded, failed, canceled, expired, avg_steps = row[:7]
+    assert (pipeline, total, succeeded, failed, canceled, expired) == ("docs", "3", "2", "1", "0", "0")
+    assert float(avg_steps) == pytest.approx(5 / 3, abs=0.01)  # two runs ran 2 steps, one failed at its first
+    p50, p95, share = (float(x) for x in row[7:10])
+    assert 0 <= p50 <= p95 and 0 <= share <= 1
+    assert parse(run_psql("sql/reports/pipeline_runs.sql", hours=0)) == []
