@@ -57,20 +57,29 @@ def forbidden_reason(address: str) -> str | None:
     return None
 
 
+async def public_addresses(host: str, port: int, timeout: float | None = None) -> list[str]:
+    """The addresses `host` resolves to, or TargetRefused when it does not
+    resolve or any of them is not public."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+    except socket.gaierror as error:
+        raise TargetRefused(f"host {host!r} does not resolve: {error.strerror}") from None
+    except TimeoutError:
+        raise TargetRefused(f"host {host!r} does not resolve: no answer in {timeout} s") from None
+    addresses = [sockaddr[0] for *_, sockaddr in infos]
+    for address in addresses:
+        reason = forbidden_reason(address)
+        if reason:
+            raise TargetRefused(f"host {host!r} resolves to {address}, a {reason} address")
+    return addresses
+
+
 async def check_target(url: str, allow_private: bool) -> None:
     """Raise TargetRefused unless `url` is http(s) and resolves only to public addresses."""
     host, port = check_url_shape(url)
-    if allow_private:
-        return
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as error:
-        raise TargetRefused(f"host {host!r} does not resolve: {error.strerror}") from None
-    for *_, sockaddr in infos:
-        reason = forbidden_reason(sockaddr[0])
-        if reason:
-            raise TargetRefused(f"host {host!r} resolves to {sockaddr[0]}, a {reason} address")
+    if not allow_private:
+        await public_addresses(host, port)
 
 
 class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
@@ -90,16 +99,10 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
                           socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
         if self.allow_private:
             return await self.inner.connect_tcp(host, port, timeout, local_address, socket_options)
-        loop = asyncio.get_running_loop()
         try:
-            infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
-        except (socket.gaierror, TimeoutError) as error:
-            raise httpcore.ConnectError(f"host {host!r} does not resolve: {error}") from None
-        addresses = [sockaddr[0] for *_, sockaddr in infos]
-        for address in addresses:
-            reason = forbidden_reason(address)
-            if reason:
-                raise httpcore.ConnectError(f"refused: host {host!r} resolves to {address}, a {reason} address")
+            addresses = await public_addresses(host, port, timeout)
+        except TargetRefused as error:
+            raise httpcore.ConnectError(f"refused: {error}") from None
         last: Exception | None = None
         for address in dict.fromkeys(addresses):  # each checked address in turn, as a resolver-driven connect would
             try:
