@@ -30,6 +30,14 @@ def encode_json(value: Any) -> str:
     return _encode(value).decode()
 
 
+def json_param(value: Any) -> str:
+    """A jsonb parameter from a value, or from JSON the caller has already
+    encoded (bytes or str: a body the API has just validated is not re-encoded)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    return value if isinstance(value, str) else encode_json(value)
+
+
 @dataclass(frozen=True, slots=True)
 class Submitted:
     request_id: UUID
@@ -198,10 +206,9 @@ class Queue:
         `items` may already be encoded JSON (an array), which saves re-encoding
         a body the API has just validated.
         """
-        payload = items.decode() if isinstance(items, bytes) else items if isinstance(items, str) else encode_json(items)
         rows = await self._fetch(
             "SELECT request_id, created FROM asyncinfer.submit_requests(%s, %s::jsonb, %s)",
-            (model, payload, api_key_id),
+            (model, json_param(items), api_key_id),
         )
         return [Submitted(request_id=r[0], created=r[1]) for r in rows]
 
@@ -209,9 +216,8 @@ class Queue:
 
     async def upsert_pipeline(self, name: str, steps: list[dict[str, Any]] | str) -> dict[str, Any]:
         """Declare (or redeclare) a pipeline; the steps are checked in SQL."""
-        payload = steps if isinstance(steps, str) else encode_json(steps)
         rows = await self._fetch(
-            "SELECT to_jsonb(p) FROM asyncinfer.upsert_pipeline(%s, %s::jsonb) AS p", (name, payload)
+            "SELECT to_jsonb(p) FROM asyncinfer.upsert_pipeline(%s, %s::jsonb) AS p", (name, json_param(steps))
         )
         return rows[0][0]
 
@@ -228,11 +234,9 @@ class Queue:
     ) -> list[Submitted]:
         """Submit pipeline runs (async_predict bodies): the declared pipeline
         named `pipeline`, or with `steps` an inline one labelled so."""
-        payload = items.decode() if isinstance(items, bytes) else items if isinstance(items, str) else encode_json(items)
-        inline = steps if steps is None or isinstance(steps, str) else encode_json(steps)
         rows = await self._fetch(
             "SELECT request_id, created FROM asyncinfer.submit_pipeline(%s, %s::jsonb, %s, %s::jsonb)",
-            (pipeline, payload, api_key_id, inline),
+            (pipeline, json_param(items), api_key_id, None if steps is None else json_param(steps)),
         )
         return [Submitted(request_id=r[0], created=r[1]) for r in rows]
 
