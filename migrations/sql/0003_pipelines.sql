@@ -861,6 +861,19 @@ SELECT r.public_id                                    AS request_id,
    AND r.model NOT LIKE 'pipeline:%'
    AND (r.lease_expires_at < now() OR w.heartbeat_at IS NULL OR w.heartbeat_at < now() - interval '60 seconds');
 
+-- Whether a run's current step still has a request that has not finished
+-- (what keeps an IN_PROGRESS run moving).
+CREATE FUNCTION asyncinfer.run_has_open_step(p_run_id bigint)
+RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (
+        SELECT 1
+          FROM asyncinfer.pipeline_runs p
+          JOIN asyncinfer.pipeline_steps s ON s.run_id = p.request_id AND s.step = p.current_step
+          JOIN asyncinfer.requests sr ON sr.id = s.request_id
+         WHERE p.request_id = p_run_id AND sr.finished_at IS NULL)
+$$;
+
 -- A run IN_PROGRESS whose current step has no unfinished request can only
 -- come from outside the queue's functions (a step row deleted, or ended by a
 -- raw UPDATE that did not change its state): nothing would ever move it, so
@@ -869,36 +882,33 @@ CREATE FUNCTION asyncinfer.reconcile_pipelines()
 RETURNS TABLE (request_id uuid, step smallint)
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_run record;
+    v_candidate bigint;
+    v_public    uuid;
+    v_step      smallint;
+    v_model     text;
 BEGIN
-    FOR v_run IN
-        SELECT r.id, r.public_id, p.current_step, p.steps -> p.current_step ->> 'model' AS model
-          FROM asyncinfer.requests r
-          JOIN asyncinfer.pipeline_runs p ON p.request_id = r.id
+    FOR v_candidate IN
+        SELECT r.id FROM asyncinfer.requests r
          WHERE r.state = 'IN_PROGRESS' AND r.model LIKE 'pipeline:%'
            AND r.created_at < now() - interval '10 seconds'   -- never a run being submitted right now
-           AND NOT EXISTS (
-               SELECT 1 FROM asyncinfer.pipeline_steps s
-                 JOIN asyncinfer.requests sr ON sr.id = s.request_id
-                WHERE s.run_id = r.id AND s.step = p.current_step AND sr.finished_at IS NULL)
+           AND NOT asyncinfer.run_has_open_step(r.id)
          ORDER BY r.id
-           FOR NO KEY UPDATE OF r SKIP LOCKED
     LOOP
-        -- re-checked under the lock: a finish may have moved it meanwhile
-        CONTINUE WHEN EXISTS (
-            SELECT 1 FROM asyncinfer.pipeline_steps s
-              JOIN asyncinfer.requests sr ON sr.id = s.request_id
-             WHERE s.run_id = v_run.id
-               AND s.step = (SELECT current_step FROM asyncinfer.pipeline_runs WHERE pipeline_runs.request_id = v_run.id)
-               AND sr.finished_at IS NULL)
-          OR (SELECT state FROM asyncinfer.requests WHERE id = v_run.id) <> 'IN_PROGRESS';
-        PERFORM asyncinfer.end_pipeline(v_run.id, 'FAILED', NULL, jsonb_build_object(
-            'type', 'pipeline_stalled', 'step', v_run.current_step, 'model', v_run.model,
+        -- Lock the run, then look again (a new statement, so a new snapshot):
+        -- a finish may have moved it on meanwhile.
+        SELECT r.public_id INTO v_public FROM asyncinfer.requests r
+         WHERE r.id = v_candidate AND r.state = 'IN_PROGRESS'
+           FOR NO KEY UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND OR asyncinfer.run_has_open_step(v_candidate);
+        SELECT p.current_step, p.steps -> p.current_step ->> 'model' INTO v_step, v_model
+          FROM asyncinfer.pipeline_runs p WHERE p.request_id = v_candidate;
+        PERFORM asyncinfer.end_pipeline(v_candidate, 'FAILED', NULL, jsonb_build_object(
+            'type', 'pipeline_stalled', 'step', v_step, 'model', v_model,
             'message', format('steps[%s] (%s) has no request left to run (changed outside the queue functions?)',
-                              v_run.current_step, v_run.model)));
-        RAISE WARNING 'asyncinfer: pipeline run % stalled at steps[%]; ended FAILED', v_run.public_id, v_run.current_step;
-        request_id := v_run.public_id;
-        step := v_run.current_step;
+                              v_step, v_model)));
+        RAISE WARNING 'asyncinfer: pipeline run % stalled at steps[%]; ended FAILED', v_public, v_step;
+        request_id := v_public;
+        step := v_step;
         RETURN NEXT;
     END LOOP;
 END
