@@ -23,6 +23,16 @@ from tests.api.helpers import ApiServer, create_database, drop_database, start_s
 from tests.reliability.helpers import Procs, descendants, kill_tree, pid_alive
 
 
+def _kill_leftover_api_workers(pids: list[int]) -> None:
+    """SIGKILL the granian workers of a stopped server that are still ours (pids are reused)."""
+    for pid in pids:
+        try:
+            if pid_alive(pid) and b"app.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 @pytest.fixture
 def procs(database_url: str, tmp_path: Path) -> Iterator[Procs]:
     group = Procs(database_url, tmp_path)
@@ -50,12 +60,7 @@ def api_factory(tmp_path: Path) -> Iterator[Callable[..., ApiServer]]:
             except AssertionError:
                 pass
         kill_tree(server.process.pid)
-        for pid in workers:
-            try:
-                if pid_alive(pid) and b"app.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        _kill_leftover_api_workers(workers)
 
 
 @pytest.fixture
@@ -93,12 +98,7 @@ def shared_api(shared_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     try:
         server.stop(timeout=10)
     finally:
-        for pid in workers:
-            try:
-                if pid_alive(pid) and b"app.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        _kill_leftover_api_workers(workers)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -95,6 +95,18 @@ def test_slow_http_clients_hold_no_database_connection(database_url: str, procs:
                    api_db_connections=connections, **outcome)
 
 
+def _pinned(database_url: str, api_factory: Callable[..., ApiServer]
+            ) -> tuple[ApiServer, str, str, psycopg.Connection, ThreadPoolExecutor, list[Any]]:
+    """An API with a pool of 4, a request whose row an open psql session holds, and 8 cancels of it in flight."""
+    api = api_factory(database_url, db_timeout_seconds="1", retry_after_seconds="1")
+    with api.client(api.admin_key) as admin:
+        assert admin.put(f"/v1/models/{MODEL}", json={"capacity": 1}).status_code == 201
+        _, key = new_key(admin, "pinned")
+    rid, session = _locked_request(api, key, database_url)
+    pool, futures = _cancels(api, key, rid, 8)
+    return api, key, rid, session, pool, futures
+
+
 def _locked_request(api: ApiServer, key: str, database_url: str) -> tuple[str, psycopg.Connection]:
     with api.client(key) as client:
         rid = client.post(f"/v1/models/{MODEL}/async_predict", json={"model_input": 1}).json()["request_id"]
@@ -113,12 +125,7 @@ def _cancels(api: ApiServer, key: str, rid: str, n: int) -> tuple[ThreadPoolExec
 def test_requests_waiting_on_a_lock_pin_the_pool_then_recover(database_url: str,
                                                               api_factory: Callable[..., ApiServer],
                                                               figures: dict[str, Any]) -> None:
-    api = api_factory(database_url, db_timeout_seconds="1", retry_after_seconds="1")
-    with api.client(api.admin_key) as admin:
-        assert admin.put(f"/v1/models/{MODEL}", json={"capacity": 1}).status_code == 201
-        _, key = new_key(admin, "pinned")
-    rid, session = _locked_request(api, key, database_url)
-    pool, futures = _cancels(api, key, rid, 8)
+    api, key, rid, session, pool, futures = _pinned(database_url, api_factory)
     try:
         time.sleep(1.5)
         with api.client(key) as client:
@@ -149,12 +156,7 @@ def test_requests_waiting_on_a_lock_pin_the_pool_then_recover(database_url: str,
 
 def test_unrelated_submits_are_served_while_cancels_wait_on_a_lock(database_url: str,
                                                                     api_factory: Callable[..., ApiServer]) -> None:
-    api = api_factory(database_url, db_timeout_seconds="1", retry_after_seconds="1")
-    with api.client(api.admin_key) as admin:
-        assert admin.put(f"/v1/models/{MODEL}", json={"capacity": 1}).status_code == 201
-        _, key = new_key(admin, "pinned")
-    rid, session = _locked_request(api, key, database_url)
-    pool, futures = _cancels(api, key, rid, 8)
+    api, key, rid, session, pool, futures = _pinned(database_url, api_factory)
     try:
         time.sleep(1.5)
         with api.client(key) as client:
